@@ -1,0 +1,500 @@
+"""Typed run configuration: schema, YAML loading, dotted overrides, validation.
+
+Every key, its default and its one-line description live here and nowhere else;
+`python -m maxlm.config --markdown` renders docs/config.md from this schema.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad configuration: one line naming the offending key or file (exit code 2)."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def _field(default: Any, description: str, **constraints: Any) -> Any:
+    return Field(default, description=description, **constraints)
+
+
+# --------------------------------------------------------------------------- run
+
+
+class RunConfig(Section):
+    dir: str = _field("runs/default", "Run directory: resolved config, metrics, checkpoints.")
+    seed: int = _field(0, "Seed for parameter init, data shuffling and dropout.")
+
+
+class MeshConfig(Section):
+    data: int = _field(-1, "Pure data-parallel axis size (-1: all remaining devices).", ge=-1)
+    fsdp: int = _field(1, "Fully-sharded data-parallel axis size (-1: all remaining).", ge=-1)
+    tensor: int = _field(1, "Tensor-parallel axis size (-1: all remaining devices).", ge=-1)
+
+    @model_validator(mode="after")
+    def _one_auto_axis(self) -> MeshConfig:
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        if 0 in sizes.values():
+            raise ValueError(f"sizes must be positive or -1, got {sizes}")
+        if list(sizes.values()).count(-1) > 1:
+            raise ValueError(f"at most one axis may be -1, got {sizes}")
+        return self
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+
+
+class DistributedConfig(Section):
+    enabled: Literal["auto", "on", "off"] = _field(
+        "auto",
+        "Call jax.distributed.initialize: auto = when a coordinator is configured or on a TPU pod.",
+    )
+    coordinator_address: str | None = _field(None, "host:port of process 0 (multi-process runs).")
+    num_processes: int | None = _field(None, "Number of processes in the job.", ge=1)
+    process_id: int | None = _field(None, "This process's index in [0, num_processes).", ge=0)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class RopeScalingConfig(Section):
+    kind: Literal["none", "linear", "llama3"] = _field(
+        "none", "RoPE frequency scaling: none, linear (position interpolation) or llama3."
+    )
+    factor: float = _field(1.0, "Context extension factor.", gt=0)
+    low_freq_factor: float = _field(1.0, "llama3 scaling: low-frequency factor.", gt=0)
+    high_freq_factor: float = _field(4.0, "llama3 scaling: high-frequency factor.", gt=0)
+    original_max_position: int = _field(8192, "llama3 scaling: original context length.", gt=0)
+
+
+class ModelConfig(Section):
+    preset: str | None = _field(
+        None, "Named shape from configs/models/ (e.g. llama2-7b); other model.* keys override it."
+    )
+    vocab_size: int = _field(8192, "Vocabulary size (embedding rows).", gt=0)
+    d_model: int = _field(256, "Hidden size.", gt=0)
+    num_layers: int = _field(4, "Number of decoder blocks.", gt=0)
+    num_heads: int = _field(4, "Query heads.", gt=0)
+    num_kv_heads: int | None = _field(
+        None, "Key/value heads for grouped-query attention (default: num_heads)."
+    )
+    head_dim: int | None = _field(None, "Per-head size (default: d_model // num_heads).")
+    mlp_dim: int = _field(688, "SwiGLU hidden size.", gt=0)
+    rope_theta: float = _field(10000.0, "RoPE base.", gt=0)
+    rope_scaling: RopeScalingConfig = _field(RopeScalingConfig(), "RoPE scaling for long context.")
+    norm_eps: float = _field(1e-5, "RMSNorm epsilon.", gt=0)
+    tie_embeddings: bool = _field(False, "Share the token embedding with the output head.")
+    dropout: float = _field(0.0, "Dropout rate on residual branches (LLaMA uses 0).", ge=0, lt=1)
+    init_std: float = _field(0.02, "Std of the normal initializer for weight matrices.", gt=0)
+    param_dtype: Literal["float32", "bfloat16"] = _field("float32", "Parameter storage dtype.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _field(
+        "auto", "Compute dtype: auto = bfloat16 on TPU/GPU, float32 on CPU."
+    )
+    scan_layers: bool = _field(True, "Stack layers under lax.scan (compile time independent of depth).")
+    remat: Literal["none", "full", "dots_saveable", "minimal"] = _field(
+        "none",
+        "Activation recomputation: none, full, dots_saveable (keep all matmul outputs), "
+        "minimal (keep matmul outputs without batch dims, i.e. weight matmuls).",
+    )
+    attention: Literal["xla", "cudnn"] = _field(
+        "xla", "jax.nn.dot_product_attention implementation."
+    )
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
+        if self.num_heads % self.kv_heads:
+            raise ValueError(
+                f"num_kv_heads: num_heads ({self.num_heads}) must be divisible by "
+                f"num_kv_heads ({self.kv_heads})"
+            )
+        if self.head_size % 2:
+            raise ValueError(f"head_dim: {self.head_size} must be even for RoPE")
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(
+                f"num_heads: d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads}) "
+                "unless head_dim is set"
+            )
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+class ScheduleConfig(Section):
+    kind: Literal["constant", "cosine", "linear", "rsqrt", "wsd"] = _field(
+        "wsd", "LR shape after warmup: constant, cosine/linear/rsqrt decay, or warmup-stable-decay."
+    )
+    warmup_steps: int | None = _field(None, "Linear warmup length in steps.", ge=0)
+    warmup_fraction: float = _field(
+        0.05, "Warmup as a fraction of train.steps (used when warmup_steps is unset).", ge=0, lt=1
+    )
+    min_lr_ratio: float = _field(0.1, "Floor of the decay, as a fraction of the peak lr.", ge=0, le=1)
+    decay_fraction: float = _field(0.2, "wsd: fraction of training spent decaying.", gt=0, le=1)
+    decay_shape: Literal["linear", "cosine", "exponential", "1-sqrt"] = _field(
+        "linear", "wsd: shape of the decay phase."
+    )
+
+
+class AdamWConfig(Section):
+    kind: Literal["adamw"] = "adamw"
+    b1: float = _field(0.9, "First-moment decay.", ge=0, lt=1)
+    b2: float = _field(0.95, "Second-moment decay.", ge=0, lt=1)
+    eps: float = _field(1e-8, "Denominator epsilon.", gt=0)
+
+
+class AdafactorConfig(Section):
+    kind: Literal["adafactor"] = "adafactor"
+    decay_rate: float = _field(0.8, "Second-moment decay exponent.", gt=0)
+    min_dim_size_to_factor: int = _field(128, "Factor second moments of dims at least this big.")
+    momentum: float | None = _field(None, "Optional first-moment decay (None: no momentum).")
+
+
+class LionConfig(Section):
+    kind: Literal["lion"] = "lion"
+    b1: float = _field(0.9, "Interpolation factor for the update sign.", ge=0, lt=1)
+    b2: float = _field(0.99, "Momentum decay.", ge=0, lt=1)
+
+
+OptimizerKind = Annotated[AdamWConfig | AdafactorConfig | LionConfig, Field(discriminator="kind")]
+
+
+class OptimConfig(Section):
+    lr: float = _field(3e-4, "Peak learning rate.", gt=0)
+    schedule: ScheduleConfig = _field(ScheduleConfig(), "Learning-rate schedule.")
+    optimizer: OptimizerKind = _field(AdamWConfig(), "Update rule, chosen by kind.")
+    weight_decay: float = _field(0.1, "Decoupled weight decay (norm scales never decayed).", ge=0)
+    decay_embeddings: bool = _field(True, "Apply weight decay to the token embedding too.")
+    clip_grad_norm: float | None = _field(1.0, "Clip the global gradient norm (None: off).", gt=0)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class TokenizerConfig(Section):
+    kind: Literal["train_bpe", "huggingface", "sentencepiece"] = _field(
+        "train_bpe",
+        "train_bpe: train a byte-level BPE on the train source at first use and cache it; "
+        "huggingface: a tokenizer.json file; sentencepiece: a .model file.",
+    )
+    path: str | None = _field(None, "Tokenizer file for kind huggingface / sentencepiece.")
+    vocab_size: int = _field(8192, "train_bpe: vocabulary size to train.", gt=256)
+    cache_dir: str = _field("~/.cache/maxlm", "train_bpe: where trained tokenizers are cached.")
+
+    @model_validator(mode="after")
+    def _path_for_files(self) -> TokenizerConfig:
+        if self.kind != "train_bpe" and not self.path:
+            raise ValueError(f"path: tokenizer kind {self.kind!r} needs a path")
+        return self
+
+
+class SourceConfig(Section):
+    kind: Literal["text_files", "python_stdlib"] = _field(
+        "python_stdlib",
+        "text_files: files matching `paths`; python_stdlib: the running interpreter's .py files.",
+    )
+    paths: list[str] = _field([], "text_files: glob patterns (** allowed).")
+    document_per: Literal["file", "line"] = _field("file", "A document is a whole file or a line.")
+
+    @model_validator(mode="after")
+    def _paths_for_files(self) -> SourceConfig:
+        if self.kind == "text_files" and not self.paths:
+            raise ValueError("paths: source kind 'text_files' needs at least one glob")
+        return self
+
+
+class DataConfig(Section):
+    source: SourceConfig = _field(SourceConfig(), "Where the documents come from.")
+    tokenizer: TokenizerConfig = _field(TokenizerConfig(), "How text becomes token ids.")
+    eval_fraction: float = _field(
+        0.02, "Share of documents held out for evaluation (chosen by a hash of the id).", ge=0, lt=1
+    )
+    add_bos: bool = _field(True, "Prepend BOS to every document.")
+    add_eos: bool = _field(True, "Append EOS to every document.")
+
+
+# --------------------------------------------------------------------------- train / eval / log
+
+
+class TrainConfig(Section):
+    steps: int = _field(1000, "Optimizer steps to train.", gt=0)
+    global_batch_size: int = _field(8, "Sequences per optimizer step, over all devices.", gt=0)
+    seq_len: int = _field(256, "Tokens per sequence (packed).", gt=0)
+    grad_accum_steps: int = _field(1, "Micro-batches accumulated per optimizer step.", gt=0)
+    z_loss: float = _field(0.0, "Weight of the z-loss (log Z)^2 on the logits (0: off).", ge=0)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_len
+
+
+class EvalConfig(Section):
+    every_steps: int = _field(200, "Evaluate on held-out data every N steps (0: only at the end).", ge=0)
+    batches: int = _field(8, "Held-out batches per evaluation.", gt=0)
+
+
+class MetricsConfig(Section):
+    log_every_steps: int = _field(10, "Write and print metrics every N steps.", gt=0)
+    tensorboard: bool = _field(True, "Also write TensorBoard event files to the run directory.")
+
+
+class Config(Section):
+    run: RunConfig = _field(RunConfig(), "Run directory and seed.")
+    mesh: MeshConfig = _field(MeshConfig(), "Device mesh axis sizes.")
+    distributed: DistributedConfig = _field(DistributedConfig(), "Multi-process initialization.")
+    model: ModelConfig = _field(ModelConfig(), "LLaMA architecture.")
+    optim: OptimConfig = _field(OptimConfig(), "Optimizer, schedule, clipping, weight decay.")
+    data: DataConfig = _field(DataConfig(), "Training and held-out data.")
+    train: TrainConfig = _field(TrainConfig(), "Steps, batch and sequence shape.")
+    eval: EvalConfig = _field(EvalConfig(), "Periodic held-out evaluation.")
+    metrics: MetricsConfig = _field(MetricsConfig(), "Logging.")
+
+    @model_validator(mode="after")
+    def _check_cross_section(self) -> Config:
+        warmup = self.optim.schedule.warmup_steps
+        if warmup is not None and warmup > self.train.steps:
+            raise ValueError(
+                f"optim.schedule.warmup_steps: {warmup} exceeds train.steps ({self.train.steps})"
+            )
+        if self.train.global_batch_size % self.train.grad_accum_steps:
+            raise ValueError(
+                f"train.grad_accum_steps: train.global_batch_size ({self.train.global_batch_size}) "
+                f"must be divisible by "
+                f"train.grad_accum_steps ({self.train.grad_accum_steps})"
+            )
+        return self
+
+    @property
+    def warmup_steps(self) -> int:
+        warmup = self.optim.schedule.warmup_steps
+        if warmup is None:
+            warmup = int(self.optim.schedule.warmup_fraction * self.train.steps)
+        return warmup
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+PACKAGED_CONFIGS = "maxlm.configs"
+
+
+def preset_names() -> list[str]:
+    folder = resources.files(f"{PACKAGED_CONFIGS}.models")
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _preset(name: str) -> dict[str, Any]:
+    if name not in preset_names():
+        close = difflib.get_close_matches(name, preset_names(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(preset_names())})"
+        raise ConfigError(f"model.preset: unknown preset {name!r}{hint}")
+    text = resources.files(f"{PACKAGED_CONFIGS}.models").joinpath(f"{name}.yaml").read_text()
+    return dict(yaml.safe_load(text) or {})
+
+
+def _resolve_path(path: str) -> Path:
+    """A config path as given, else under the packaged configs/ folder (for non-editable installs)."""
+    candidate = Path(path)
+    if candidate.exists():
+        return candidate
+    if path.startswith("configs/"):
+        packaged = Path(str(resources.files(PACKAGED_CONFIGS))) / path.removeprefix("configs/")
+        if packaged.exists():
+            return packaged
+    raise ConfigError(f"--config: file not found: {path}")
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
+    """Load YAML with omegaconf (floats like 1e-4 stay floats), following `base:` includes."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: circular base include")
+    try:
+        node = OmegaConf.load(path)
+    except (OmegaConfBaseException, yaml.YAMLError, OSError) as err:
+        raise ConfigError(f"{path}: cannot read YAML: {str(err).splitlines()[0]}") from err
+    base = node.pop("base", None) if OmegaConf.is_dict(node) else None
+    if base is None:
+        return node
+    base_path = _resolve_path(str(path.parent / base) if not Path(base).is_absolute() else base)
+    return OmegaConf.merge(_read_yaml(base_path, (*seen, path.resolve())), node)
+
+
+def _apply_preset(raw: dict[str, Any]) -> dict[str, Any]:
+    model = raw.get("model") or {}
+    if isinstance(model, dict) and model.get("preset"):
+        raw["model"] = {**_preset(model["preset"]), **model}
+    return raw
+
+
+def load(config_path: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """YAML file (optional) + `a.b=value` overrides -> validated, frozen Config."""
+    node = _read_yaml(_resolve_path(config_path)) if config_path else OmegaConf.create({})
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+    try:
+        node = OmegaConf.merge(node, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"overrides: {str(err).splitlines()[0]}") from err
+    raw = OmegaConf.to_container(node, resolve=True)
+    return from_dict(raw if isinstance(raw, dict) else {})
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Validate a plain nested dict; errors become one-line ConfigErrors naming the key."""
+    try:
+        return Config.model_validate(_apply_preset(dict(raw)))
+    except ValidationError as err:
+        raise ConfigError(_describe(err)) from None
+
+
+def _submodels(annotation: Any) -> tuple[type[BaseModel] | None, list[type[BaseModel]]]:
+    """The section class of a field, or the members of its tagged union."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, []
+    if getattr(annotation, "__metadata__", None):
+        annotation = annotation.__origin__
+    members = [a for a in getattr(annotation, "__args__", ()) if isinstance(a, type)]
+    return None, [m for m in members if issubclass(m, BaseModel) and "kind" in m.model_fields]
+
+
+def _walk(loc: Sequence[Any]) -> tuple[type[BaseModel] | None, list[str], str | None]:
+    """Follow a pydantic error location through the schema, skipping union tags."""
+    model: type[BaseModel] | None = Config
+    members: list[type[BaseModel]] = []
+    path: list[str] = []
+    for part in loc:
+        if not isinstance(part, str):
+            break
+        tagged = [m for m in members if m.model_fields["kind"].default == part]
+        if tagged:
+            model, members = tagged[0], []
+            continue
+        if model is None or part not in model.model_fields:
+            return model, path, part
+        path.append(part)
+        model, members = _submodels(model.model_fields[part].annotation)
+    return model, path, None
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    model, path, unknown = _walk(first["loc"])
+    if first["type"] == "extra_forbidden" and unknown is not None:
+        valid = list(model.model_fields) if model is not None else []
+        close = difflib.get_close_matches(unknown, valid, n=1, cutoff=0.5)
+        hint = f"; did you mean {'.'.join([*path, close[0]])!r}?" if close else ""
+        return f"{'.'.join([*path, unknown])}: unknown key{hint}"
+    message = first["msg"].removeprefix("Value error, ")
+    named = re.match(r"([a-z_][a-z_.]*): ", message)
+    if named:
+        # validators name their key first: relative to the section, or dotted from the top
+        key = named.group(1) if "." in named.group(1) else ".".join([*path, named.group(1)])
+        return f"{key}: {message[named.end():]}"
+    if first["type"] != "value_error" and "input" in first:
+        message += f" (got {first['input']!r})"
+    return f"{'.'.join(path) or 'config'}: {message}"
+
+
+def parse_argv(argv: Sequence[str]) -> Config:
+    """`--config=path.yaml key.sub=value ...` -> Config."""
+    config_path = None
+    overrides = []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        elif arg == "--config" and args:
+            config_path = args.pop(0)
+        elif arg.startswith("--"):
+            raise ConfigError(f"{arg}: unknown flag (use --config=FILE and key.sub=value overrides)")
+        else:
+            overrides.append(arg)
+    return load(config_path, overrides)
+
+
+# --------------------------------------------------------------------------- reference page
+
+
+def reference_markdown() -> str:
+    """docs/config.md: every key, its type, default and description."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `maxlm/config.py` by `python -m maxlm.config --markdown > docs/config.md`;",
+        "a test keeps it current. Override any key on the command line as `section.key=value`.",
+        "",
+    ]
+    _section_markdown(Config, "", lines)
+    return "\n".join(lines) + "\n"
+
+
+def _type_name(annotation: Any) -> str:
+    if getattr(annotation, "__origin__", None) is Literal:
+        return " \\| ".join(repr(a) for a in annotation.__args__)
+    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
+    return (text or str(annotation)).replace("typing.", "").replace("|", "\\|")
+
+
+def _default_text(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _section_markdown(model: type[BaseModel], prefix: str, lines: list[str]) -> None:
+    scalars = []
+    nested = []
+    for name, field in model.model_fields.items():
+        section, members = _submodels(field.annotation)
+        if section is not None:
+            nested.append((name, field, [section]))
+        elif members:
+            nested.append((name, field, members))
+        else:
+            scalars.append((name, field))
+    if scalars:
+        title = prefix.rstrip(".") or "top level"
+        lines += [f"## `{title}`", "", "| key | type | default | description |", "|---|---|---|---|"]
+        for name, field in scalars:
+            default = _default_text(field.default)
+            kind = _type_name(field.annotation)
+            lines.append(f"| `{prefix}{name}` | {kind} | `{default}` | {field.description} |")
+        lines.append("")
+    for name, field, members in nested:
+        if len(members) > 1:
+            kinds = ", ".join(f"`{m.model_fields['kind'].default}`" for m in members)
+            lines += [f"## `{prefix}{name}`", "", f"{field.description} Choose with "
+                      f"`{prefix}{name}.kind`: {kinds}; each kind's keys follow.", ""]
+        for member in members:
+            _section_markdown(member, f"{prefix}{name}.", lines)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--markdown"]:
+        print(reference_markdown(), end="")
+    else:
+        print(parse_argv(sys.argv[1:]).to_yaml(), end="")
