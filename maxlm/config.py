@@ -15,9 +15,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -40,10 +47,44 @@ class RunConfig(Section):
     seed: int = _field(0, "Seed for parameter init, data shuffling and dropout.")
 
 
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Weights carry (vocab, embed, q_heads, kv_heads, head_dim, mlp, layers, norm); activations carry
+# act_* names so FSDP can shard weights on embed without sharding activations the same way.
+DEFAULT_SHARDING_RULES: dict[str, str | list[str] | None] = {
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "q_heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "layers": None,
+    "norm": None,
+    "act_batch": ["data", "fsdp"],
+    "act_seq": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "act_head_dim": None,
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+}
+
+
 class MeshConfig(Section):
     data: int = _field(-1, "Pure data-parallel axis size (-1: all remaining devices).", ge=-1)
     fsdp: int = _field(1, "Fully-sharded data-parallel axis size (-1: all remaining).", ge=-1)
     tensor: int = _field(1, "Tensor-parallel axis size (-1: all remaining devices).", ge=-1)
+    rules: dict[str, str | list[str] | None] = _field(
+        DEFAULT_SHARDING_RULES,
+        "Logical axis name -> mesh axis (or list of axes, or null = replicated); "
+        "set one entry to override it, e.g. mesh.rules.kv_heads=null.",
+    )
+
+    @field_validator("rules", mode="before")
+    @classmethod
+    def _override_defaults(cls, rules: Any) -> Any:
+        return {**DEFAULT_SHARDING_RULES, **rules} if isinstance(rules, dict) else rules
 
     @model_validator(mode="after")
     def _one_auto_axis(self) -> MeshConfig:
@@ -52,6 +93,14 @@ class MeshConfig(Section):
             raise ValueError(f"sizes must be positive or -1, got {sizes}")
         if list(sizes.values()).count(-1) > 1:
             raise ValueError(f"at most one axis may be -1, got {sizes}")
+        for name, axes in self.rules.items():
+            if name not in DEFAULT_SHARDING_RULES:
+                close = difflib.get_close_matches(name, list(DEFAULT_SHARDING_RULES), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"rules.{name}: unknown logical axis{hint}")
+            named = [axes] if isinstance(axes, str) else list(axes or [])
+            if any(axis not in MESH_AXES for axis in named):
+                raise ValueError(f"rules.{name}: {axes!r} is not among mesh axes {MESH_AXES}")
         return self
 
     @property
@@ -105,7 +154,9 @@ class ModelConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _field(
         "auto", "Compute dtype: auto = bfloat16 on TPU/GPU, float32 on CPU."
     )
-    scan_layers: bool = _field(True, "Stack layers under lax.scan (compile time independent of depth).")
+    scan_layers: bool = _field(
+        True, "Stack layers under lax.scan (compile time independent of depth)."
+    )
     remat: Literal["none", "full", "dots_saveable", "minimal"] = _field(
         "none",
         "Activation recomputation: none, full, dots_saveable (keep all matmul outputs), "
@@ -126,7 +177,8 @@ class ModelConfig(Section):
             raise ValueError(f"head_dim: {self.head_size} must be even for RoPE")
         if self.head_dim is None and self.d_model % self.num_heads:
             raise ValueError(
-                f"num_heads: d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads}) "
+                f"num_heads: d_model ({self.d_model}) must be divisible by "
+                f"num_heads ({self.num_heads}) "
                 "unless head_dim is set"
             )
         return self
@@ -151,7 +203,9 @@ class ScheduleConfig(Section):
     warmup_fraction: float = _field(
         0.05, "Warmup as a fraction of train.steps (used when warmup_steps is unset).", ge=0, lt=1
     )
-    min_lr_ratio: float = _field(0.1, "Floor of the decay, as a fraction of the peak lr.", ge=0, le=1)
+    min_lr_ratio: float = _field(
+        0.1, "Floor of the decay, as a fraction of the peak lr.", ge=0, le=1
+    )
     decay_fraction: float = _field(0.2, "wsd: fraction of training spent decaying.", gt=0, le=1)
     decay_shape: Literal["linear", "cosine", "exponential", "1-sqrt"] = _field(
         "linear", "wsd: shape of the decay phase."
@@ -168,8 +222,12 @@ class AdamWConfig(Section):
 class AdafactorConfig(Section):
     kind: Literal["adafactor"] = "adafactor"
     decay_rate: float = _field(0.8, "Second-moment decay exponent.", gt=0)
-    min_dim_size_to_factor: int = _field(128, "Factor second moments of dims at least this big.")
-    momentum: float | None = _field(None, "Optional first-moment decay (None: no momentum).")
+    min_dim_size_to_factor: int = _field(
+        128, "Factor second moments of dims at least this big.", gt=0
+    )
+    momentum: float | None = _field(
+        None, "Optional first-moment decay (None: no momentum).", ge=0, lt=1
+    )
 
 
 class LionConfig(Section):
@@ -185,9 +243,18 @@ class OptimConfig(Section):
     lr: float = _field(3e-4, "Peak learning rate.", gt=0)
     schedule: ScheduleConfig = _field(ScheduleConfig(), "Learning-rate schedule.")
     optimizer: OptimizerKind = _field(AdamWConfig(), "Update rule, chosen by kind.")
-    weight_decay: float = _field(0.1, "Decoupled weight decay (norm scales never decayed).", ge=0)
+    weight_decay: float = _field(
+        0.1, "Decoupled weight decay, lr * wd * w per step for every optimizer (norms never).", ge=0
+    )
     decay_embeddings: bool = _field(True, "Apply weight decay to the token embedding too.")
     clip_grad_norm: float | None = _field(1.0, "Clip the global gradient norm (None: off).", gt=0)
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _default_kind(cls, optimizer: Any) -> Any:
+        if isinstance(optimizer, dict) and "kind" not in optimizer:
+            return {"kind": AdamWConfig().kind, **optimizer}
+        return optimizer
 
 
 # --------------------------------------------------------------------------- data
@@ -251,7 +318,9 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    every_steps: int = _field(200, "Evaluate on held-out data every N steps (0: only at the end).", ge=0)
+    every_steps: int = _field(
+        200, "Evaluate on held-out data every N steps (0: only at the end).", ge=0
+    )
     batches: int = _field(8, "Held-out batches per evaluation.", gt=0)
 
 
@@ -278,6 +347,18 @@ class Config(Section):
             raise ValueError(
                 f"optim.schedule.warmup_steps: {warmup} exceeds train.steps ({self.train.steps})"
             )
+        schedule = self.optim.schedule
+        if schedule.kind == "wsd":
+            decay_start = self.train.steps - round(schedule.decay_fraction * self.train.steps)
+            if decay_start < self.warmup_steps:
+                raise ValueError(
+                    f"optim.schedule.decay_fraction: the decay would start at step {decay_start}, "
+                    f"before warmup ends at step {self.warmup_steps}"
+                )
+            if schedule.decay_shape == "exponential" and schedule.min_lr_ratio == 0:
+                raise ValueError(
+                    "optim.schedule.min_lr_ratio: exponential decay needs a floor above 0"
+                )
         if self.train.global_batch_size % self.train.grad_accum_steps:
             raise ValueError(
                 f"train.grad_accum_steps: train.global_batch_size ({self.train.global_batch_size}) "
@@ -304,20 +385,24 @@ PACKAGED_CONFIGS = "maxlm.configs"
 
 def preset_names() -> list[str]:
     folder = resources.files(f"{PACKAGED_CONFIGS}.models")
-    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def _preset(name: str) -> dict[str, Any]:
     if name not in preset_names():
         close = difflib.get_close_matches(name, preset_names(), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(preset_names())})"
+        hint = (
+            f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(preset_names())})"
+        )
         raise ConfigError(f"model.preset: unknown preset {name!r}{hint}")
     text = resources.files(f"{PACKAGED_CONFIGS}.models").joinpath(f"{name}.yaml").read_text()
     return dict(yaml.safe_load(text) or {})
 
 
 def _resolve_path(path: str) -> Path:
-    """A config path as given, else under the packaged configs/ folder (for non-editable installs)."""
+    """A config path as given, else under the packaged configs/ (for non-editable installs)."""
     candidate = Path(path)
     if candidate.exists():
         return candidate
@@ -336,7 +421,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
         node = OmegaConf.load(path)
     except (OmegaConfBaseException, yaml.YAMLError, OSError) as err:
         raise ConfigError(f"{path}: cannot read YAML: {str(err).splitlines()[0]}") from err
-    base = node.pop("base", None) if OmegaConf.is_dict(node) else None
+    base = node.pop("base", None) if isinstance(node, DictConfig) else None
     if base is None:
         return node
     base_path = _resolve_path(str(path.parent / base) if not Path(base).is_absolute() else base)
@@ -361,7 +446,9 @@ def load(config_path: str | None = None, overrides: Sequence[str] = ()) -> Confi
     except OmegaConfBaseException as err:
         raise ConfigError(f"overrides: {str(err).splitlines()[0]}") from err
     raw = OmegaConf.to_container(node, resolve=True)
-    return from_dict(raw if isinstance(raw, dict) else {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{config_path}: expected a mapping of sections at the top level")
+    return from_dict({str(key): value for key, value in raw.items()})
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
@@ -410,11 +497,12 @@ def _describe(err: ValidationError) -> str:
         hint = f"; did you mean {'.'.join([*path, close[0]])!r}?" if close else ""
         return f"{'.'.join([*path, unknown])}: unknown key{hint}"
     message = first["msg"].removeprefix("Value error, ")
-    named = re.match(r"([a-z_][a-z_.]*): ", message)
+    named = re.match(r"([a-z_][a-z_0-9.]*): ", message)
     if named:
-        # validators name their key first: relative to the section, or dotted from the top
-        key = named.group(1) if "." in named.group(1) else ".".join([*path, named.group(1)])
-        return f"{key}: {message[named.end():]}"
+        # validators name their key first: relative to their section, or from the top
+        absolute = named.group(1).split(".")[0] in Config.model_fields
+        key = named.group(1) if absolute else ".".join([*path, named.group(1)])
+        return f"{key}: {message[named.end() :]}"
     if first["type"] != "value_error" and "input" in first:
         message += f" (got {first['input']!r})"
     return f"{'.'.join(path) or 'config'}: {message}"
@@ -432,7 +520,9 @@ def parse_argv(argv: Sequence[str]) -> Config:
         elif arg == "--config" and args:
             config_path = args.pop(0)
         elif arg.startswith("--"):
-            raise ConfigError(f"{arg}: unknown flag (use --config=FILE and key.sub=value overrides)")
+            raise ConfigError(
+                f"{arg}: unknown flag (use --config=FILE and key.sub=value overrides)"
+            )
         else:
             overrides.append(arg)
     return load(config_path, overrides)
@@ -462,10 +552,13 @@ def _type_name(annotation: Any) -> str:
 
 
 def _default_text(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6)
+    return text.strip().removesuffix("...").strip()
 
 
-def _section_markdown(model: type[BaseModel], prefix: str, lines: list[str]) -> None:
+def _section_markdown(
+    model: type[BaseModel], prefix: str, lines: list[str], title: str | None = None
+) -> None:
     scalars = []
     nested = []
     for name, field in model.model_fields.items():
@@ -474,23 +567,34 @@ def _section_markdown(model: type[BaseModel], prefix: str, lines: list[str]) -> 
             nested.append((name, field, [section]))
         elif members:
             nested.append((name, field, members))
-        else:
+        elif not (title and name == "kind"):
             scalars.append((name, field))
     if scalars:
-        title = prefix.rstrip(".") or "top level"
-        lines += [f"## `{title}`", "", "| key | type | default | description |", "|---|---|---|---|"]
+        heading = title or f"`{prefix.rstrip('.')}`"
+        lines += [f"## {heading}", ""]
+        lines += ["| key | type | default | description |", "|---|---|---|---|"]
         for name, field in scalars:
             default = _default_text(field.default)
             kind = _type_name(field.annotation)
             lines.append(f"| `{prefix}{name}` | {kind} | `{default}` | {field.description} |")
         lines.append("")
     for name, field, members in nested:
-        if len(members) > 1:
-            kinds = ", ".join(f"`{m.model_fields['kind'].default}`" for m in members)
-            lines += [f"## `{prefix}{name}`", "", f"{field.description} Choose with "
-                      f"`{prefix}{name}.kind`: {kinds}; each kind's keys follow.", ""]
+        if len(members) == 1:
+            _section_markdown(members[0], f"{prefix}{name}.", lines)
+            continue
+        kinds = ", ".join(f"`{m.model_fields['kind'].default}`" for m in members)
+        lines += [
+            f"## `{prefix}{name}`",
+            "",
+            f"{field.description} Choose with "
+            f"`{prefix}{name}.kind`: {kinds}; each kind's keys follow.",
+            "",
+        ]
         for member in members:
-            _section_markdown(member, f"{prefix}{name}.", lines)
+            tag = member.model_fields["kind"].default
+            _section_markdown(
+                member, f"{prefix}{name}.", lines, f"`{prefix}{name}` with kind `{tag}`"
+            )
 
 
 if __name__ == "__main__":

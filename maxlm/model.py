@@ -1,0 +1,369 @@
+"""LLaMA decoder in Flax NNX: RMSNorm, RoPE, grouped-query attention, SwiGLU, stacked layers.
+
+Einsum letters: B batch, T query length, S key length, D embed, N query heads, K key/value heads,
+G query heads per kv head, H head dim, F mlp hidden, V vocab, L layers.
+
+Parameter paths mirror Hugging Face's LlamaForCausalLM (`layers.self_attn.q_proj.kernel`, ...),
+with the decoder layers stacked on a leading "layers" axis whether or not they run under scan, so
+the checkpoint format does not depend on `scan_layers`. Weights carry logical axis names
+(`vocab, embed, q_heads, kv_heads, head_dim, mlp, norm, layers`); activations go through a
+caller-supplied `constrain(x, names)` with separate `act_*` names.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from maxlm.config import ModelConfig
+
+Constrain = Callable[[jax.Array, tuple[str | None, ...]], jax.Array]
+
+HIDDEN = ("act_batch", "act_seq", "act_embed")
+Q_HEADS = ("act_batch", "act_seq", "act_heads", "act_head_dim")
+KV_HEADS = ("act_batch", "act_seq", "act_kv_heads", "act_head_dim")
+MLP_HIDDEN = ("act_batch", "act_seq", "act_mlp")
+LOGITS = ("act_batch", "act_seq", "act_vocab")
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    # weight matmuls have no dot_general batch dims; attention's QK^T and PV do, so they rerun
+    "minimal": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+    """The activation dtype: "auto" is bfloat16 on TPU/GPU and float32 on CPU."""
+    if name == "auto":
+        return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ("tpu", "gpu") else jnp.float32)
+    return jnp.dtype(name)
+
+
+def _unconstrained(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    return x
+
+
+def _param(value: jax.Array, names: tuple[str, ...]) -> nnx.Param:
+    # eager_sharding=False: shardings are applied later from the abstract state, not at creation
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class Linear(nnx.Module):
+    """A bias-free projection whose kernel may have several input/output axes."""
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        names: tuple[str, ...],
+        *,
+        init_std: float,
+        param_dtype: jnp.dtype,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        init = jax.nn.initializers.normal(init_std)
+        self.kernel = _param(init(rngs.params(), shape, param_dtype), names)
+        self.dtype = dtype
+
+    def __call__(self, spec: str, x: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
+        kernel = self.kernel[...].astype(self.dtype)
+        return jnp.einsum(spec, x, kernel, preferred_element_type=out_dtype)
+
+
+# makes a Linear from its kernel shape and logical names (initializer and dtypes already bound)
+Dense = Callable[[tuple[int, ...], tuple[str, ...]], Linear]
+
+
+class Embed(nnx.Module):
+    """Token embedding table; `attend` is the tied output head."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        *,
+        init_std: float,
+        param_dtype: jnp.dtype,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        init = jax.nn.initializers.normal(init_std)
+        table = init(rngs.params(), (vocab_size, d_model), param_dtype)
+        self.embedding = _param(table, ("vocab", "embed"))
+        self.dtype = dtype
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        # gather first, then cast: only B*T rows change dtype, not the whole table
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        table = self.embedding[...].astype(self.dtype)
+        return jnp.einsum("BTD,VD->BTV", x, table, preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, computed in float32 whatever the activation dtype."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype: jnp.dtype, dtype: jnp.dtype):
+        self.scale = _param(jnp.ones((dim,), param_dtype), ("norm",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return (x * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def rope_frequencies(
+    head_dim: int,
+    theta: float,
+    kind: str = "none",
+    factor: float = 1.0,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    original_max_position: int = 8192,
+) -> np.ndarray:
+    """RoPE inverse frequencies (H/2,) with optional scaling; arguments match RopeScalingConfig."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if kind == "linear":
+        inv_freq = inv_freq / factor
+    elif kind == "llama3":
+        # HF transformers' _compute_llama3_parameters: short wavelengths are kept, long ones are
+        # divided by `factor`, and those in between are interpolated smoothly.
+        wavelen = 2 * np.pi / inv_freq
+        smooth = (original_max_position / wavelen - low_freq_factor) / (
+            high_freq_factor - low_freq_factor
+        )
+        smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = np.where(
+            wavelen > original_max_position / low_freq_factor,
+            inv_freq / factor,
+            np.where(wavelen < original_max_position / high_freq_factor, inv_freq, smoothed),
+        )
+    elif kind != "none":
+        raise ValueError(f"unknown RoPE scaling kind {kind!r}")
+    return inv_freq.astype(np.float32)
+
+
+def rope_sin_cos(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """sin and cos (B,T,H/2) of the rotation angles, in float32."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    """Rotate (B,T,heads,H) in HF's rotate_half layout: dims i and i + H/2 form a pair."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        implementation: Literal["xla", "cudnn"],
+        constrain: Constrain,
+        dense: Dense,
+    ):
+        self.q_proj = dense((d_model, num_heads, head_dim), ("embed", "q_heads", "head_dim"))
+        self.k_proj = dense((d_model, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"))
+        self.v_proj = dense((d_model, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"))
+        self.o_proj = dense((num_heads, head_dim, d_model), ("q_heads", "head_dim", "embed"))
+        self.implementation = implementation
+        self.constrain = constrain
+
+    def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, mask: jax.Array) -> jax.Array:
+        q = self.constrain(apply_rope(self.q_proj("BTD,DNH->BTNH", x), sin, cos), Q_HEADS)
+        k = self.constrain(apply_rope(self.k_proj("BSD,DKH->BSKH", x), sin, cos), KV_HEADS)
+        v = self.constrain(self.v_proj("BSD,DKH->BSKH", x), KV_HEADS)
+        # GQA natively (q heads grouped G per kv head). The xla path computes QK^T with float32
+        # output and softmax in float32 even for bf16 inputs; probabilities are then cast back.
+        # is_causal (not folded into the mask) lets cuDNN skip the upper triangle.
+        out = jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=True, implementation=self.implementation
+        )
+        return self.o_proj("BTNH,NHD->BTD", out)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, d_model: int, mlp_dim: int, *, constrain: Constrain, dense: Dense):
+        self.gate_proj = dense((d_model, mlp_dim), ("embed", "mlp"))
+        self.up_proj = dense((d_model, mlp_dim), ("embed", "mlp"))
+        self.down_proj = dense((mlp_dim, d_model), ("mlp", "embed"))
+        self.constrain = constrain
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jax.nn.silu(self.gate_proj("BTD,DF->BTF", x)) * self.up_proj("BTD,DF->BTF", x)
+        return self.down_proj("BTF,FD->BTD", self.constrain(h, MLP_HIDDEN))
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    if key is None:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        mlp_dim: int,
+        *,
+        norm_eps: float,
+        dropout: float,
+        attention: Literal["xla", "cudnn"],
+        constrain: Constrain,
+        init_std: float,
+        param_dtype: jnp.dtype,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        dense = functools.partial(
+            Linear, init_std=init_std, param_dtype=param_dtype, dtype=dtype, rngs=rngs
+        )
+        norm = functools.partial(
+            RMSNorm, d_model, eps=norm_eps, param_dtype=param_dtype, dtype=dtype
+        )
+        self.input_layernorm = norm()
+        self.self_attn = Attention(
+            d_model, num_heads, num_kv_heads, head_dim,
+            implementation=attention, constrain=constrain, dense=dense,
+        )  # fmt: skip
+        self.post_attention_layernorm = norm()
+        self.mlp = MLP(d_model, mlp_dim, constrain=constrain, dense=dense)
+        self.dropout = dropout
+        self.constrain = constrain
+
+    def __call__(
+        self, x: jax.Array, sin: jax.Array, cos: jax.Array, mask: jax.Array, key: jax.Array | None
+    ) -> jax.Array:
+        """`key` is this layer's dropout key, or None for no dropout."""
+        attn_key, mlp_key = (None, None) if key is None else jax.random.split(key)
+        h = self.self_attn(self.input_layernorm(x), sin, cos, mask)
+        x = self.constrain(x + _dropout(h, self.dropout, attn_key), HIDDEN)
+        h = self.mlp(self.post_attention_layernorm(x))
+        return self.constrain(x + _dropout(h, self.dropout, mlp_key), HIDDEN)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class Llama(nnx.Module):
+    """LLaMA causal LM: tokens, segment ids, positions (int32 [B,T]) -> float32 logits [B,T,V].
+
+    Packed documents are separated by `segment_ids` (0 = padding) and `positions` restart at 0 in
+    each, so no token attends across a document boundary. The model holds only nnx.Params; dropout
+    draws from the `dropout_rng` key passed to each call, so a jitted step stays a pure function.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, constrain: Constrain | None = None):
+        self.constrain = constrain or _unconstrained
+        dtype = compute_dtype(cfg.dtype)
+        param_dtype = jnp.dtype(cfg.param_dtype)
+        init_std = cfg.init_std
+        self.embed_tokens = Embed(
+            cfg.vocab_size, cfg.d_model, init_std=init_std, param_dtype=param_dtype, dtype=dtype,
+            rngs=rngs,
+        )  # fmt: skip
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def stacked_layers(rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(
+                cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.mlp_dim,
+                norm_eps=cfg.norm_eps, dropout=cfg.dropout, attention=cfg.attention,
+                constrain=self.constrain, init_std=init_std, param_dtype=param_dtype,
+                dtype=dtype, rngs=rngs,
+            )  # fmt: skip
+
+        self.layers = stacked_layers(rngs)
+        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype, dtype=dtype)
+        head = functools.partial(
+            Linear, init_std=init_std, param_dtype=param_dtype, dtype=dtype, rngs=rngs
+        )
+        self.lm_head = (
+            None if cfg.tie_embeddings else head((cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+        )
+        # a tuple of floats is static and hashable, so equal configs give equal graphdefs
+        inv_freq = rope_frequencies(cfg.head_size, cfg.rope_theta, **cfg.rope_scaling.model_dump())
+        self.inv_freq = tuple(float(f) for f in inv_freq)
+        self.num_layers = cfg.num_layers
+        self.dropout = cfg.dropout
+        self.scan_layers = cfg.scan_layers
+        self.remat = cfg.remat
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        segment_ids: jax.Array,
+        positions: jax.Array,
+        *,
+        deterministic: bool = True,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits; dropout (rate > 0, not deterministic) needs `dropout_rng`."""
+        x = self.constrain(self.embed_tokens(tokens), HIDDEN)
+        sin, cos = rope_sin_cos(positions, jnp.asarray(self.inv_freq, jnp.float32))
+        # (B,1,T,S); causality is added by attention. Padding (segment 0) still sees itself,
+        # so no softmax row is empty.
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        keys = None  # one dropout key per layer; None compiles to no dropout at all
+        if self.dropout > 0 and not deterministic:
+            if dropout_rng is None:
+                raise ValueError("dropout > 0 with deterministic=False needs a dropout_rng key")
+            keys = jax.random.split(dropout_rng, self.num_layers)
+        x = self.norm(self._decoder_layers(x, sin, cos, mask, keys))
+        if self.lm_head is None:
+            logits = self.embed_tokens.attend(x)
+        else:
+            logits = self.lm_head("BTD,DV->BTV", x, out_dtype=jnp.float32)
+        return self.constrain(logits, LOGITS)
+
+    def _decoder_layers(
+        self, x: jax.Array, sin: jax.Array, cos: jax.Array, mask: jax.Array, keys: jax.Array | None
+    ) -> jax.Array:
+        """Run the stacked layers under lax.scan or unrolled; the parameters are the same."""
+        graphdef, state = nnx.split(self.layers)
+
+        def layer(x: jax.Array, layer_state: nnx.State, key: jax.Array | None) -> jax.Array:
+            return nnx.merge(graphdef, layer_state)(x, sin, cos, mask, key)
+
+        if self.remat != "none":
+            # CSE prevention is only needed outside scan; inside it just blocks optimizations
+            layer = jax.checkpoint(
+                layer, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers
+            )
+        if self.scan_layers:
+            x, _ = jax.lax.scan(lambda x, xs: (layer(x, *xs), None), x, (state, keys))
+            return x
+        for i in range(self.num_layers):
+            key = None if keys is None else keys[i]
+            x = layer(x, jax.tree.map(lambda a, i=i: a[i], state), key)
+        return x

@@ -1,0 +1,260 @@
+"""`python -m maxlm.train --config=FILE [key=value ...]`: the training loop, top to bottom."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from maxlm import (
+    config as config_lib,
+    estimate,
+    mesh as mesh_lib,
+    optim,
+    sharding,
+    state as state_lib,
+    train_step,
+)
+from maxlm.config import Config, ConfigError
+from maxlm.data import global_batch, pipeline, sources, tokenizer as tokenizer_lib
+from maxlm.metrics import MetricsWriter, Throughput, format_duration, format_progress
+from maxlm.model import compute_dtype
+
+
+def log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def check_batch(cfg: Config, data_parallel: int) -> None:
+    """The global batch must split evenly over processes, devices and micro-batches."""
+    rows = cfg.train.global_batch_size
+    accum = cfg.train.grad_accum_steps
+    if rows % (data_parallel * accum):
+        raise ConfigError(
+            f"train.global_batch_size: {rows} is not divisible by the data-parallel size "
+            f"(mesh data*fsdp = {data_parallel}) times train.grad_accum_steps ({accum})"
+        )
+    if rows % jax.process_count():
+        raise ConfigError(
+            f"train.global_batch_size: {rows} is not divisible by the "
+            f"{jax.process_count()} processes"
+        )
+
+
+def evaluate(eval_step: Any, params: Any, batches: list[dict[str, jax.Array]]) -> dict[str, float]:
+    """Held-out loss (nats per token) and perplexity over fixed batches."""
+    loss_sum, tokens = 0.0, 0.0
+    for batch in batches:
+        sums = jax.device_get(eval_step(params, batch))
+        loss_sum += float(sums.cross_entropy)
+        tokens += float(sums.tokens)
+    loss = loss_sum / max(tokens, 1.0)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run training as configured; returns the final summary (also written to the run dir)."""
+    wall_start = time.perf_counter()
+    mesh_lib.initialize_distributed(cfg.distributed)
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    log(f"# resolved config (saved to {run_dir / 'config.yaml'})\n{cfg.to_yaml()}")
+
+    mesh = mesh_lib.make(cfg.mesh)
+    check_batch(cfg, mesh_lib.data_parallel_size(mesh))
+    log(
+        f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
+        f"{jax.process_count()} process(es)"
+    )
+
+    docs = sources.documents(cfg.data.source)
+    train_docs, eval_docs = sources.split(docs, cfg.data.eval_fraction)
+    tokenizer = tokenizer_lib.load_tokenizer(cfg.data.tokenizer, train_docs)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+            f"{tokenizer.vocab_size} tokens"
+        )
+    log(
+        f"data: {len(train_docs)} train / {len(eval_docs)} held-out documents, "
+        f"tokenizer {tokenizer.vocab_size} tokens ({tokenizer.fingerprint[:12]})"
+    )
+
+    optimizer, schedule = optim.build(cfg)
+    blue = state_lib.blueprint(cfg, optimizer, mesh)
+    n_params = state_lib.count_params(blue.abstract.params)
+    params_bytes = state_lib.bytes_per_device(blue.abstract.params, blue.shardings.params)
+    opt_bytes = state_lib.bytes_per_device(blue.abstract.opt_state, blue.shardings.opt_state)
+    log(
+        f"model: {n_params:,} parameters; per device: params {params_bytes / 2**20:.1f} MiB, "
+        f"optimizer state {opt_bytes / 2**20:.1f} MiB"
+    )
+
+    batch_sharding = sharding.batch_sharding(mesh, cfg.mesh.rules)
+    dropout_seed = cfg.run.seed + 2 if cfg.model.dropout > 0 else None
+    step_fn = train_step.make_train_step(
+        blue.graphdef,
+        optimizer,
+        schedule,
+        state_shardings=blue.shardings,
+        batch_sharding=batch_sharding,
+        grad_accum_steps=cfg.train.grad_accum_steps,
+        z_loss_weight=cfg.train.z_loss,
+        dropout_seed=dropout_seed,
+    )
+    eval_step = train_step.make_eval_step(
+        blue.graphdef, params_shardings=blue.shardings.params, batch_sharding=batch_sharding
+    )
+    batch_shape = jax.ShapeDtypeStruct(
+        (cfg.train.global_batch_size, cfg.train.seq_len), np.int32, sharding=batch_sharding
+    )
+    compile_start = time.perf_counter()
+    compiled = step_fn.lower(
+        blue.abstract, dict.fromkeys(train_step.BATCH_KEYS, batch_shape)
+    ).compile()
+    compile_s = time.perf_counter() - compile_start
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        log(
+            f"compiled train step in {compile_s:.1f} s; per device: arguments "
+            f"{memory.argument_size_in_bytes / 2**20:.1f} MiB, temporaries "
+            f"{memory.temp_size_in_bytes / 2**20:.1f} MiB"
+        )
+
+    state = state_lib.init(cfg, optimizer, blue)
+    per_process = cfg.train.global_batch_size // jax.process_count()
+    train_iter = iter(
+        pipeline.train_dataset(
+            train_docs,
+            tokenizer,
+            seq_len=cfg.train.seq_len,
+            batch_size=per_process,
+            seed=cfg.run.seed,
+            add_bos=cfg.data.add_bos,
+            add_eos=cfg.data.add_eos,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+    )
+    eval_batches = [
+        global_batch.to_global(b, batch_sharding)
+        for b in pipeline.eval_batches(
+            eval_docs,
+            tokenizer,
+            seq_len=cfg.train.seq_len,
+            batch_size=per_process,
+            num_batches=cfg.eval.batches,
+            add_bos=cfg.data.add_bos,
+            add_eos=cfg.data.add_eos,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+    ]
+
+    peak, peak_source = estimate.peak_flops(jax.devices(), compute_dtype(cfg.model.dtype).name)
+    flops_per_token = estimate.flops_per_token(cfg.model, cfg.train.seq_len)
+    log(f"MFU is against the {peak_source}; {flops_per_token / 1e6:.1f} MFLOP per token")
+    writer = MetricsWriter(run_dir, cfg.metrics.tensorboard)
+    progress = Progress(cfg, writer, Throughput(flops_per_token, peak))
+    eval_result: dict[str, float] = {}
+
+    pending = None
+    for step in range(1, cfg.train.steps + 1):
+        batch = global_batch.to_global(next(train_iter), batch_sharding)
+        state, metrics = compiled(state, batch)
+        if pending is not None:
+            progress.report(*pending)  # the previous step's, while this one runs
+        pending = (step, metrics)
+        last = step == cfg.train.steps
+        if last or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0):
+            progress.report(*pending)
+            pending = None
+            eval_result = evaluate(eval_step, state.params, eval_batches)
+            log(
+                f"eval at step {step}: loss {eval_result['eval_loss']:.4f}  "
+                f"perplexity {eval_result['eval_perplexity']:.2f}"
+            )
+            writer.write(step, eval_result)
+            progress.throughput.restart()
+    writer.close()
+
+    summary = {
+        "steps": cfg.train.steps,
+        "parameters": n_params,
+        "tokens_seen": progress.tokens_seen,
+        "final_train_loss": progress.last_loss,
+        **eval_result,
+        "unigram_entropy": pipeline.unigram_entropy(eval_docs, tokenizer),
+        "compile_s": compile_s,
+        "train_s": progress.elapsed(),
+        "wall_s": time.perf_counter() - wall_start,
+    }
+    if jax.process_index() == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log(
+        f"done: {cfg.train.steps} steps, {progress.tokens_seen:,.0f} tokens in "
+        f"{format_duration(progress.elapsed())}; held-out loss "
+        f"{eval_result['eval_loss']:.4f} nats/token vs the held-out unigram entropy "
+        f"{summary['unigram_entropy']:.4f}"
+    )
+    return summary
+
+
+class Progress:
+    """Turns each step's device metrics into logs: NaN check, token count, window averages."""
+
+    def __init__(self, cfg: Config, writer: MetricsWriter, throughput: Throughput) -> None:
+        self.cfg = cfg
+        self.writer = writer
+        self.throughput = throughput
+        self.tokens_seen = 0.0
+        self.last_loss = float("nan")
+        self._window_losses: list[float] = []
+        self._start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._start
+
+    def report(self, step: int, metrics: Any) -> None:
+        values = {key: float(value) for key, value in jax.device_get(metrics).items()}
+        if not math.isfinite(values["loss"]):
+            raise FloatingPointError(f"loss is {values['loss']} at step {step}")
+        self.tokens_seen += values["tokens"]
+        self.last_loss = values["loss"]
+        self._window_losses.append(values["loss"])
+        self.throughput.add(self.cfg.train.tokens_per_step)
+        if step % self.cfg.metrics.log_every_steps and step != self.cfg.train.steps:
+            return
+        record = {
+            **values,
+            "loss_avg": sum(self._window_losses) / len(self._window_losses),
+            "tokens_seen": self.tokens_seen,
+            **self.throughput.report(),
+        }
+        self._window_losses = []
+        eta = self.elapsed() / step * (self.cfg.train.steps - step)
+        log(format_progress(step, self.cfg.train.steps, record, eta))
+        self.writer.write(step, record)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        cfg = config_lib.parse_argv(sys.argv[1:] if argv is None else argv)
+        train(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

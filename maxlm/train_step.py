@@ -1,0 +1,138 @@
+"""The jitted, sharded train and eval steps: loss, gradient accumulation, update, metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from maxlm.loss import LossSums, loss_sums
+from maxlm.state import TrainState
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions")
+
+
+def _forward(
+    graphdef: nnx.GraphDef, params: Any, batch: Batch, dropout_rng: jax.Array | None
+) -> LossSums:
+    model = nnx.merge(graphdef, params)
+    logits = model(
+        batch["tokens"],
+        batch["segment_ids"],
+        batch["positions"],
+        deterministic=dropout_rng is None,
+        dropout_rng=dropout_rng,
+    )
+    return loss_sums(logits, batch["targets"], batch["segment_ids"])
+
+
+def _micro_batches(batch: Batch, count: int) -> Batch:
+    """[B, T] -> [count, B/count, T], taking rows with stride `count` so every micro-batch
+    keeps rows on every data-parallel device."""
+    return {
+        key: jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
+        for key, x in batch.items()
+    }
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    state_shardings: TrainState,
+    batch_sharding: NamedSharding,
+    grad_accum_steps: int = 1,
+    z_loss_weight: float = 0.0,
+    dropout_seed: int | None = None,
+) -> jax.stages.Wrapped:
+    """jit(step) with pinned in/out shardings and the state donated.
+
+    Gradients are of the summed loss, divided once by the batch's real-token count, so
+    accumulation over micro-batches equals one big batch up to float summation order.
+    """
+
+    def sum_objective(
+        params: Any, batch: Batch, rng: jax.Array | None
+    ) -> tuple[jax.Array, LossSums]:
+        sums = _forward(graphdef, params, batch, rng)
+        return sums.cross_entropy + z_loss_weight * sums.z_loss, sums
+
+    grad_fn = jax.grad(sum_objective, has_aux=True)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        rng = None
+        if dropout_seed is not None:
+            rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
+        if grad_accum_steps == 1:
+            grads, sums = grad_fn(state.params, batch, rng)
+        else:
+            grads, sums = _accumulate(grad_fn, state.params, batch, rng, grad_accum_steps)
+        tokens = jnp.maximum(sums.tokens, 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / tokens, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": sums.cross_entropy / tokens,
+            "z_loss": sums.z_loss / tokens,
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
+            "lr": jnp.asarray(schedule(state.step), jnp.float32),
+            "tokens": sums.tokens,
+        }
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    batch_shardings = {key: batch_sharding for key in BATCH_KEYS}
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, None),
+        donate_argnums=(0,),
+    )
+
+
+def _accumulate(
+    grad_fn: Callable[..., tuple[Any, LossSums]],
+    params: Any,
+    batch: Batch,
+    rng: jax.Array | None,
+    count: int,
+) -> tuple[Any, LossSums]:
+    """Sum gradients and loss sums over micro-batches with a scan (one compiled body)."""
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    empty = LossSums(jnp.float32(0), jnp.float32(0), jnp.float32(0))
+
+    def body(
+        carry: tuple[Any, LossSums], inputs: tuple[Batch, jax.Array]
+    ) -> tuple[tuple[Any, LossSums], None]:
+        grads_sum, sums_total = carry
+        micro, index = inputs
+        micro_rng = None if rng is None else jax.random.fold_in(rng, index)
+        grads, sums = grad_fn(params, micro, micro_rng)
+        grads_sum = jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
+        return (grads_sum, LossSums(*(a + b for a, b in zip(sums_total, sums, strict=True)))), None
+
+    (grads, sums), _ = jax.lax.scan(
+        body, (zeros, empty), (_micro_batches(batch, count), jnp.arange(count))
+    )
+    grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, params)
+    return grads, sums
+
+
+def make_eval_step(
+    graphdef: nnx.GraphDef, *, params_shardings: Any, batch_sharding: NamedSharding
+) -> jax.stages.Wrapped:
+    """jit(params, batch) -> summed held-out loss and token count."""
+
+    def evaluate(params: Any, batch: Batch) -> LossSums:
+        return _forward(graphdef, params, batch, None)
+
+    batch_shardings = {key: batch_sharding for key in BATCH_KEYS}
+    return jax.jit(evaluate, in_shardings=(params_shardings, batch_shardings))

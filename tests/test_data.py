@@ -1,0 +1,255 @@
+"""Data: sources, split, packed batches (shapes, masks, exact token accounting, resume,
+sharding, epochs) and global arrays."""
+
+import collections
+import copy
+import json
+import random
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from maxlm.config import ConfigError, SourceConfig, TokenizerConfig
+from maxlm.data.global_batch import to_global
+from maxlm.data.pipeline import (
+    document_stream,
+    eval_batches,
+    packed_rows,
+    train_dataset,
+    unigram_entropy,
+)
+from maxlm.data.sources import documents, split
+from maxlm.data.tokenizer import load_tokenizer
+
+SEQ_LEN = 32
+WORDS = ["def", "return", "self", "x", "=", "+", "(", ")", ":", "if", "else", "café", "日本"]
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    """40 files of 1 to 120 random words; file 7 is long (many seq_len pieces)."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for i in range(40):
+        n = 400 if i == 7 else rng.randint(1, 120)
+        text = " ".join(rng.choice(WORDS) for _ in range(n))
+        (root / f"doc{i:02d}.txt").write_text(text, encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def docs(corpus_dir):
+    return documents(SourceConfig(kind="text_files", paths=[str(corpus_dir / "*.txt")]))
+
+
+@pytest.fixture(scope="module")
+def tok(docs, tmp_path_factory):
+    cfg = TokenizerConfig(vocab_size=300, cache_dir=str(tmp_path_factory.mktemp("cache")))
+    return load_tokenizer(cfg, docs)
+
+
+def doc_targets(docs, tok):
+    """Targets of every document, tokenized directly: (BOS + ids + EOS)[1:]."""
+    return [[*tok.encode(docs[i]), tok.eos_id] for i in range(len(docs))]
+
+
+def target_counts(rows):
+    counts = collections.Counter()
+    for row in rows:
+        counts.update(row["targets"][row["segment_ids"] > 0].tolist())
+    return counts
+
+
+def rows_of(docs, tok, **kwargs):
+    kwargs = {"seq_len": SEQ_LEN, "num_bins": 4, "shuffle_seed": 0, "num_epochs": 1} | kwargs
+    return list(packed_rows(docs, tok, add_bos=True, add_eos=True, **kwargs))
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def test_text_files_globs_are_sorted_and_deduplicated(tmp_path):
+    (tmp_path / "sub" / "deep").mkdir(parents=True)
+    for name in ["b.txt", "a.txt", "sub/c.txt", "sub/deep/d.txt"]:
+        (tmp_path / name).write_text(name)
+    cfg = SourceConfig(
+        kind="text_files", paths=[str(tmp_path / "**" / "*.txt"), str(tmp_path / "a.txt")]
+    )
+    docs = documents(cfg)
+    names = ["a.txt", "b.txt", "sub/c.txt", "sub/deep/d.txt"]
+    assert docs.ids == [str(tmp_path / n) for n in names]
+    assert [docs[i] for i in range(len(docs))] == names
+
+
+def test_documents_per_line(tmp_path):
+    (tmp_path / "lines.txt").write_bytes(b"first\n\n  \nsecond\r\nthird")
+    cfg = SourceConfig(kind="text_files", paths=[str(tmp_path / "*.txt")], document_per="line")
+    docs = documents(cfg)
+    assert [docs[i] for i in range(len(docs))] == ["first", "second", "third"]
+    assert docs.ids == [f"{tmp_path / 'lines.txt'}:{n}" for n in (1, 4, 5)]
+
+
+def test_glob_matching_nothing_is_a_config_error(tmp_path):
+    (tmp_path / "a.txt").write_text("a")
+    cfg = SourceConfig(kind="text_files", paths=[str(tmp_path / "a.txt"), str(tmp_path / "*.md")])
+    with pytest.raises(ConfigError, match=r"data\.source\.paths.*\*\.md"):
+        documents(cfg)
+
+
+def test_invalid_utf8_is_replaced(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"ok \xff\xfe end")
+    docs = documents(SourceConfig(kind="text_files", paths=[str(tmp_path / "bad.txt")]))
+    assert docs[0] == "ok \ufffd\ufffd end"
+
+
+def test_python_stdlib_source():
+    docs = documents(SourceConfig(kind="python_stdlib"))
+    assert len(docs) > 500
+    assert "os.py" in docs.ids
+    assert not [i for i in docs.ids if "site-packages" in i or "dist-packages" in i]
+    assert docs.ids == sorted(docs.ids)
+    assert "import" in docs[docs.ids.index("os.py")]
+
+
+def test_split_is_deterministic_disjoint_and_never_empty(docs):
+    train, held = split(docs, 0.2)
+    again_train, again_held = split(docs, 0.2)
+    assert (train.ids, held.ids) == (again_train.ids, again_held.ids)
+    assert sorted(train.ids + held.ids) == sorted(docs.ids)
+    assert 0 < len(held) < len(docs) // 2
+    _, tiny_held = split(docs, 1e-12)  # the hash picks none: the smallest hash is moved
+    assert len(tiny_held) == 1
+    all_train, no_held = split(docs, 0.0)
+    assert (len(all_train), len(no_held)) == (len(docs), 0)
+    with pytest.raises(ConfigError, match=r"data\.eval_fraction"):
+        split(docs.subset([0]), 0.1)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def test_batches_have_fixed_shapes_and_consistent_masks(docs, tok):
+    ds = train_dataset(docs, tok, seq_len=SEQ_LEN, batch_size=4, seed=0, add_bos=True, add_eos=True)
+    it = iter(ds)
+    for _ in range(20):
+        batch = next(it)
+        assert sorted(batch) == ["positions", "segment_ids", "targets", "tokens"]
+        for value in batch.values():
+            assert value.shape == (4, SEQ_LEN) and value.dtype == np.int32
+        for r in range(4):
+            check_row({key: value[r] for key, value in batch.items()}, tok)
+
+
+def check_row(row, tok):
+    tokens, targets, seg, pos = (row[k] for k in ("tokens", "targets", "segment_ids", "positions"))
+    real = seg > 0
+    n = int(real.sum())
+    assert real[:n].all() and not real[n:].any(), "padding only at the tail"
+    assert (tokens[n:] == tok.pad_id).all() and (pos[n:] == 0).all()
+    assert (np.diff(seg[:n]) >= 0).all() and (np.diff(seg[:n]) <= 1).all()
+    starts = np.flatnonzero(np.diff(seg[:n], prepend=0))
+    assert (pos[starts] % SEQ_LEN == 0).all(), "a piece starts at a multiple of seq_len"
+    same = (seg[1:] == seg[:-1]) & real[1:]
+    assert (targets[:-1][same] == tokens[1:][same]).all(), "targets are the next inputs"
+    assert (np.diff(pos)[same] == 1).all(), "positions count up within a piece"
+
+
+def test_missing_bos_token_is_a_clear_error(docs, tok):
+    no_bos = copy.copy(tok)
+    no_bos.bos_id = None
+    with pytest.raises(ValueError, match=r"data\.add_bos"):
+        rows_of(docs, no_bos)
+
+
+def test_one_epoch_has_every_token_exactly_once(docs, tok):
+    expected = collections.Counter(t for ids in doc_targets(docs, tok) for t in ids)
+    assert target_counts(rows_of(docs, tok)) == expected
+
+
+def test_long_document_is_split_not_truncated(docs, tok):
+    (targets,) = doc_targets(docs.subset([7]), tok)
+    assert len(targets) > 3 * SEQ_LEN
+    rows = rows_of(docs.subset([7]), tok)
+    assert len(rows) == -(-len(targets) // SEQ_LEN)
+    pairs = sorted(
+        (p, t)
+        for row in rows
+        for p, t, s in zip(row["positions"], row["targets"], row["segment_ids"], strict=True)
+        if s
+    )
+    assert [p for p, _ in pairs] == list(range(len(targets)))
+    assert [t for _, t in pairs] == targets
+
+
+def test_iterator_state_restores_exactly(docs, tok):
+    ds = train_dataset(docs, tok, seq_len=SEQ_LEN, batch_size=4, seed=3, add_bos=True, add_eos=True)
+    it = iter(ds)
+    for _ in range(7):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
+    expected = [next(it) for _ in range(5)]
+    resumed = iter(ds)
+    resumed.set_state(state)
+    for want, got in zip(expected, (next(resumed) for _ in range(5)), strict=True):
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_process_shards_cover_documents_exactly_once(docs, tok):
+    expected = target_counts(rows_of(docs, tok))
+    shards = [rows_of(docs, tok, process_index=i, process_count=2) for i in range(2)]
+    assert target_counts(shards[0]) + target_counts(shards[1]) == expected
+    texts = [list(document_stream(docs, shuffle_seed=0, num_epochs=1, process_index=i,
+                                  process_count=2)) for i in range(2)]  # fmt: skip
+    assert sorted(texts[0] + texts[1]) == sorted(docs[i] for i in range(len(docs)))
+    assert abs(len(texts[0]) - len(texts[1])) <= 1
+
+
+def test_each_epoch_is_a_new_permutation(docs):
+    n = len(docs)
+    stream = document_stream(docs, shuffle_seed=0)
+    epochs = [[stream[e * n + i] for i in range(n)] for e in range(3)]
+    everything = sorted(docs[i] for i in range(n))
+    assert all(sorted(epoch) == everything for epoch in epochs)
+    assert len({tuple(epoch) for epoch in epochs}) == 3
+    next_seed = document_stream(docs, shuffle_seed=1)
+    assert [next_seed[i] for i in range(n)] != epochs[1], "seed s+1 must not replay epoch 1 of s"
+
+
+def test_eval_batches_are_deterministic_and_repeat_few_docs(docs, tok):
+    def batches(d):
+        return eval_batches(
+            d, tok, seq_len=SEQ_LEN, batch_size=2, num_batches=6, add_bos=True, add_eos=True
+        )
+
+    first, second = batches(docs), batches(docs)
+    assert len(first) == 6
+    for a, b in zip(first, second, strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    few = batches(docs.subset([0, 1]))
+    assert len(few) == 6 and all(b["tokens"].shape == (2, SEQ_LEN) for b in few)
+
+
+def test_unigram_entropy(docs, tok):
+    ids = np.concatenate([tok.encode(docs[i]) for i in range(len(docs))])
+    p = np.bincount(ids) / ids.size
+    p = p[p > 0]
+    assert unigram_entropy(docs, tok) == pytest.approx(-(p * np.log(p)).sum())
+    assert 0 < unigram_entropy(docs, tok, max_docs=3) < np.log(tok.vocab_size)
+
+
+# --------------------------------------------------------------------------- global arrays
+
+
+def test_to_global_on_eight_devices():
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = NamedSharding(mesh, P("data"))
+    batch = {"tokens": np.arange(16 * 4, dtype=np.int32).reshape(16, 4)}
+    out = to_global(batch, sharding)
+    assert out["tokens"].shape == (16, 4) and out["tokens"].sharding == sharding
+    np.testing.assert_array_equal(np.asarray(out["tokens"]), batch["tokens"])
+    with pytest.raises(ValueError, match=r"batch\['targets'\]: local shape \(6, 4\)"):
+        to_global({"targets": np.zeros((6, 4), np.int32)}, sharding)
