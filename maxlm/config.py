@@ -130,6 +130,15 @@ class RopeScalingConfig(Section):
     high_freq_factor: float = _field(4.0, "llama3 scaling: high-frequency factor.", gt=0)
     original_max_position: int = _field(8192, "llama3 scaling: original context length.", gt=0)
 
+    @model_validator(mode="after")
+    def _distinct_factors(self) -> RopeScalingConfig:
+        if self.kind == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(
+                f"high_freq_factor: {self.high_freq_factor} must exceed low_freq_factor "
+                f"({self.low_freq_factor}) for llama3 scaling"
+            )
+        return self
+
 
 class ModelConfig(Section):
     preset: str | None = _field(
@@ -597,8 +606,17 @@ def _section_markdown(
             )
 
 
-if __name__ == "__main__":
-    if sys.argv[1:] == ["--markdown"]:
+def main(argv: Sequence[str]) -> None:
+    """`--markdown` prints the reference page; otherwise the resolved config of argv."""
+    if list(argv) == ["--markdown"]:
         print(reference_markdown(), end="")
-    else:
-        print(parse_argv(sys.argv[1:]).to_yaml(), end="")
+        return
+    try:
+        print(parse_argv(argv).to_yaml(), end="")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

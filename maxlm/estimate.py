@@ -21,6 +21,7 @@ PUBLISHED_PEAK_FLOPS = {
     "TPU v6 lite": 918e12,  # v6e (Trillium)
     "TPU v6e": 918e12,
     "NVIDIA H200": 989e12,
+    "NVIDIA H100 PCIe": 756e12,
     "NVIDIA H100": 989e12,
     "NVIDIA A100": 312e12,
     "NVIDIA L4": 121e12,

@@ -19,14 +19,16 @@ class LossSums(NamedTuple):
 
 def loss_sums(logits: jax.Array, targets: jax.Array, segment_ids: jax.Array) -> LossSums:
     """Cross-entropy and (log Z)^2 summed over real target tokens (segment id 0 is padding)."""
-    logits = logits.astype(jnp.float32)
-    weights = (segment_ids != 0).astype(jnp.float32)
+    real = segment_ids != 0
+    # select rather than multiply: padding must not leak NaN/inf into the sums or the gradients
+    logits = jnp.where(real[..., None], logits.astype(jnp.float32), 0.0)
+    targets = jnp.where(real, targets, 0)
     cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     return LossSums(
-        cross_entropy=jnp.sum(cross_entropy * weights),
-        z_loss=jnp.sum(jnp.square(log_z) * weights),
-        tokens=jnp.sum(weights),
+        cross_entropy=jnp.sum(jnp.where(real, cross_entropy, 0.0)),
+        z_loss=jnp.sum(jnp.where(real, jnp.square(log_z), 0.0)),
+        tokens=jnp.sum(real.astype(jnp.float32)),
     )
 
 

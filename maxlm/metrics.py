@@ -16,7 +16,7 @@ class MetricsWriter:
 
     def __init__(self, run_dir: Path, tensorboard: bool) -> None:
         self.enabled = jax.process_index() == 0
-        self._jsonl = open(run_dir / "metrics.jsonl", "a") if self.enabled else None  # noqa: SIM115
+        self._jsonl = open(run_dir / "metrics.jsonl", "w") if self.enabled else None  # noqa: SIM115
         self._tb = None
         if self.enabled and tensorboard:
             from tensorboardX import SummaryWriter

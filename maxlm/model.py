@@ -30,6 +30,7 @@ Q_HEADS = ("act_batch", "act_seq", "act_heads", "act_head_dim")
 KV_HEADS = ("act_batch", "act_seq", "act_kv_heads", "act_head_dim")
 MLP_HIDDEN = ("act_batch", "act_seq", "act_mlp")
 LOGITS = ("act_batch", "act_seq", "act_vocab")
+EMBED_TABLE = ("vocab", "act_embed")  # the table at lookup time: embed axis gathered
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -95,16 +96,21 @@ class Embed(nnx.Module):
         init_std: float,
         param_dtype: jnp.dtype,
         dtype: jnp.dtype,
+        constrain: Constrain,
         rngs: nnx.Rngs,
     ):
         init = jax.nn.initializers.normal(init_std)
         table = init(rngs.params(), (vocab_size, d_model), param_dtype)
         self.embedding = _param(table, ("vocab", "embed"))
         self.dtype = dtype
+        self.constrain = constrain
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
+        # Gather the fsdp-sharded embed axis before the lookup (as FSDP does for every weight);
+        # otherwise the looked-up rows come out sharded on D and XLA rematerializes them whole.
+        table = self.constrain(self.embedding[...], EMBED_TABLE)
         # gather first, then cast: only B*T rows change dtype, not the whole table
-        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+        return jnp.take(table, tokens, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         table = self.embedding[...].astype(self.dtype)
@@ -290,7 +296,7 @@ class Llama(nnx.Module):
         init_std = cfg.init_std
         self.embed_tokens = Embed(
             cfg.vocab_size, cfg.d_model, init_std=init_std, param_dtype=param_dtype, dtype=dtype,
-            rngs=rngs,
+            constrain=self.constrain, rngs=rngs,
         )  # fmt: skip
 
         @nnx.split_rngs(splits=cfg.num_layers)

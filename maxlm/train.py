@@ -11,14 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from maxlm import (
     config as config_lib,
     estimate,
     mesh as mesh_lib,
-    optim,
-    sharding,
     state as state_lib,
     train_step,
 )
@@ -90,8 +87,8 @@ def train(cfg: Config) -> dict[str, Any]:
         f"tokenizer {tokenizer.vocab_size} tokens ({tokenizer.fingerprint[:12]})"
     )
 
-    optimizer, schedule = optim.build(cfg)
-    blue = state_lib.blueprint(cfg, optimizer, mesh)
+    steps = train_step.build(cfg, mesh)
+    blue, batch_sharding = steps.blueprint, steps.batch_sharding
     n_params = state_lib.count_params(blue.abstract.params)
     params_bytes = state_lib.bytes_per_device(blue.abstract.params, blue.shardings.params)
     opt_bytes = state_lib.bytes_per_device(blue.abstract.opt_state, blue.shardings.opt_state)
@@ -99,39 +96,18 @@ def train(cfg: Config) -> dict[str, Any]:
         f"model: {n_params:,} parameters; per device: params {params_bytes / 2**20:.1f} MiB, "
         f"optimizer state {opt_bytes / 2**20:.1f} MiB"
     )
-
-    batch_sharding = sharding.batch_sharding(mesh, cfg.mesh.rules)
-    dropout_seed = cfg.run.seed + 2 if cfg.model.dropout > 0 else None
-    step_fn = train_step.make_train_step(
-        blue.graphdef,
-        optimizer,
-        schedule,
-        state_shardings=blue.shardings,
-        batch_sharding=batch_sharding,
-        grad_accum_steps=cfg.train.grad_accum_steps,
-        z_loss_weight=cfg.train.z_loss,
-        dropout_seed=dropout_seed,
-    )
-    eval_step = train_step.make_eval_step(
-        blue.graphdef, params_shardings=blue.shardings.params, batch_sharding=batch_sharding
-    )
-    batch_shape = jax.ShapeDtypeStruct(
-        (cfg.train.global_batch_size, cfg.train.seq_len), np.int32, sharding=batch_sharding
-    )
-    compile_start = time.perf_counter()
-    compiled = step_fn.lower(
-        blue.abstract, dict.fromkeys(train_step.BATCH_KEYS, batch_shape)
-    ).compile()
-    compile_s = time.perf_counter() - compile_start
-    memory = compiled.memory_analysis()
-    if memory is not None:
-        log(
-            f"compiled train step in {compile_s:.1f} s; per device: arguments "
-            f"{memory.argument_size_in_bytes / 2**20:.1f} MiB, temporaries "
-            f"{memory.temp_size_in_bytes / 2**20:.1f} MiB"
+    memory = steps.train.memory_analysis()
+    detail = (
+        ""
+        if memory is None
+        else (
+            f"; per device: arguments {memory.argument_size_in_bytes / 2**20:.1f} MiB, "
+            f"temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB"
         )
+    )
+    log(f"compiled train step in {steps.compile_s:.1f} s{detail}")
 
-    state = state_lib.init(cfg, optimizer, blue)
+    state = state_lib.init(cfg, steps.optimizer, blue)
     per_process = cfg.train.global_batch_size // jax.process_count()
     train_iter = iter(
         pipeline.train_dataset(
@@ -171,7 +147,7 @@ def train(cfg: Config) -> dict[str, Any]:
     pending = None
     for step in range(1, cfg.train.steps + 1):
         batch = global_batch.to_global(next(train_iter), batch_sharding)
-        state, metrics = compiled(state, batch)
+        state, metrics = steps.train(state, batch)
         if pending is not None:
             progress.report(*pending)  # the previous step's, while this one runs
         pending = (step, metrics)
@@ -179,7 +155,7 @@ def train(cfg: Config) -> dict[str, Any]:
         if last or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0):
             progress.report(*pending)
             pending = None
-            eval_result = evaluate(eval_step, state.params, eval_batches)
+            eval_result = evaluate(steps.eval, state.params, eval_batches)
             log(
                 f"eval at step {step}: loss {eval_result['eval_loss']:.4f}  "
                 f"perplexity {eval_result['eval_perplexity']:.2f}"
@@ -195,7 +171,7 @@ def train(cfg: Config) -> dict[str, Any]:
         "final_train_loss": progress.last_loss,
         **eval_result,
         "unigram_entropy": pipeline.unigram_entropy(eval_docs, tokenizer),
-        "compile_s": compile_s,
+        "compile_s": steps.compile_s,
         "train_s": progress.elapsed(),
         "wall_s": time.perf_counter() - wall_start,
     }
@@ -227,8 +203,9 @@ class Progress:
 
     def report(self, step: int, metrics: Any) -> None:
         values = {key: float(value) for key, value in jax.device_get(metrics).items()}
-        if not math.isfinite(values["loss"]):
-            raise FloatingPointError(f"loss is {values['loss']} at step {step}")
+        for key in ("loss", "grad_norm"):
+            if not math.isfinite(values[key]):
+                raise FloatingPointError(f"{key} is {values[key]} at step {step}")
         self.tokens_seen += values["tokens"]
         self.last_loss = values["loss"]
         self._window_losses.append(values["loss"])

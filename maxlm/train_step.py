@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 
+from maxlm import optim, sharding, state as state_lib
+from maxlm.config import Config
 from maxlm.loss import LossSums, loss_sums
 from maxlm.state import TrainState
 
@@ -136,3 +140,41 @@ def make_eval_step(
 
     batch_shardings = {key: batch_sharding for key in BATCH_KEYS}
     return jax.jit(evaluate, in_shardings=(params_shardings, batch_shardings))
+
+
+class Steps(NamedTuple):
+    """A run's compiled train step and jitted eval step, with what they were built from."""
+
+    blueprint: state_lib.Blueprint
+    optimizer: optax.GradientTransformation
+    batch_sharding: NamedSharding
+    train: jax.stages.Compiled
+    eval: jax.stages.Wrapped
+    compile_s: float
+
+
+def build(cfg: Config, mesh: Mesh) -> Steps:
+    """Blueprint the state and compile the train step ahead of the loop (fail before any data)."""
+    optimizer, schedule = optim.build(cfg)
+    blue = state_lib.blueprint(cfg, optimizer, mesh)
+    batch_sharding = sharding.batch_sharding(mesh, cfg.mesh.rules)
+    train = make_train_step(
+        blue.graphdef,
+        optimizer,
+        schedule,
+        state_shardings=blue.shardings,
+        batch_sharding=batch_sharding,
+        grad_accum_steps=cfg.train.grad_accum_steps,
+        z_loss_weight=cfg.train.z_loss,
+        dropout_seed=cfg.run.seed + 1 if cfg.model.dropout > 0 else None,
+    )
+    batch = jax.ShapeDtypeStruct(
+        (cfg.train.global_batch_size, cfg.train.seq_len), np.int32, sharding=batch_sharding
+    )
+    start = time.perf_counter()
+    compiled = train.lower(blue.abstract, dict.fromkeys(BATCH_KEYS, batch)).compile()
+    compile_s = time.perf_counter() - start
+    evaluate = make_eval_step(
+        blue.graphdef, params_shardings=blue.shardings.params, batch_sharding=batch_sharding
+    )
+    return Steps(blue, optimizer, batch_sharding, compiled, evaluate, compile_s)

@@ -8,6 +8,7 @@ from flax import nnx
 
 from maxlm.config import ModelConfig, RopeScalingConfig
 from maxlm.model import (
+    EMBED_TABLE,
     HIDDEN,
     KV_HEADS,
     LOGITS,
@@ -126,7 +127,7 @@ def test_constrain_sees_every_activation_kind():
 
     model = nnx.eval_shape(lambda: Llama(tiny(), rngs=nnx.Rngs(0), constrain=record))
     nnx.eval_shape(lambda model: model(*batch(b=1, t=4)), model)  # tracing is enough
-    assert seen == {HIDDEN, Q_HEADS, KV_HEADS, MLP_HIDDEN, LOGITS}
+    assert seen == {EMBED_TABLE, HIDDEN, Q_HEADS, KV_HEADS, MLP_HIDDEN, LOGITS}
 
 
 # --------------------------------------------------------------------------- forward and masking

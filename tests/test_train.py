@@ -1,0 +1,327 @@
+"""End to end: train(cfg) on a tiny learnable corpus; run-dir artifacts; sharded mesh; CLI; NaN.
+
+Compiling dominates each run's time, so there are few runs, each checked from several angles:
+one 40-step train(cfg) in process (data=8), and command-line runs (a (2, 2, 2) mesh, a NaN
+run) at XLA's lowest optimization level. Document ids contain the tmp path, so the train /
+held-out split (and the exact losses) vary from session to session; the bounds leave room.
+"""
+
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from maxlm import config, estimate, optim
+from maxlm.config import ConfigError
+from maxlm.train import main, train
+
+TOKENIZER_VOCAB = 300
+MODEL_VOCAB = 320
+NAMES = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
+VERBS = ["reads", "writes", "counts", "sorts"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """4 files of 100 code-like lines (one document per line) with a learnable template."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for part in range(4):
+        lines = []
+        for _ in range(100):
+            a, b, verb = rng.choice(NAMES), rng.choice(NAMES), rng.choice(VERBS)
+            n = rng.randint(1, 9)
+            lines.append(f"def {a}_{verb}(x): return {b}(x) + {n} # the {a} {verb} the {b}")
+        (root / f"part{part}.txt").write_text("\n".join(lines) + "\n")
+    return {"glob": str(root / "*.txt"), "cache": str(tmp_path_factory.mktemp("tokenizers"))}
+
+
+def overrides(corpus, run_dir, *extra: str) -> list[str]:
+    """A tiny model on the corpus; constant lr after 2 warmup steps, so that runs of different
+    lengths follow the same trajectory."""
+    return [
+        f"run.dir={run_dir}",
+        "data.source.kind=text_files",
+        f"data.source.paths=[{corpus['glob']}]",
+        "data.source.document_per=line",
+        f"data.tokenizer.vocab_size={TOKENIZER_VOCAB}",
+        f"data.tokenizer.cache_dir={corpus['cache']}",
+        "data.eval_fraction=0.1",
+        f"model.vocab_size={MODEL_VOCAB}",
+        "model.d_model=64",
+        "model.num_layers=2",
+        "model.num_heads=4",
+        "model.mlp_dim=128",
+        "optim.lr=3e-3",
+        "optim.schedule.kind=constant",
+        "optim.schedule.warmup_steps=2",
+        "train.seq_len=64",
+        "train.global_batch_size=8",
+        "eval.batches=2",
+        *extra,
+    ]
+
+
+class Run(NamedTuple):
+    cfg: config.Config
+    dir: Path
+    summary: dict
+    train: list[dict]  # metrics.jsonl records of training steps
+    eval: list[dict]  # and of evaluations
+
+
+def read_jsonl(run_dir) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) of a run's metrics.jsonl."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r], [r for r in records if "eval_loss" in r]
+
+
+# --------------------------------------------------------------------------- the main run
+
+
+@pytest.fixture(scope="module")
+def run(corpus, tmp_path_factory):
+    """40 steps on the default mesh (data=8), logging every 5 steps, evaluating every 20."""
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = config.load(
+        None,
+        overrides(
+            corpus,
+            run_dir,
+            "train.steps=40",
+            "eval.every_steps=20",
+            "metrics.log_every_steps=5",
+        ),
+    )
+    summary = train(cfg)
+    train_records, eval_records = read_jsonl(run_dir)
+    return Run(cfg, run_dir, summary, train_records, eval_records)
+
+
+@pytest.mark.slow
+def test_loss_falls_below_the_baselines(run):
+    losses = [r["loss_avg"] for r in run.train]
+    assert all(math.isfinite(x) for x in losses)
+    assert np.mean(losses[-2:]) < 0.5 * losses[0], losses
+    final = run.summary["eval_loss"]
+    assert final < math.log(TOKENIZER_VOCAB) - 2.0  # a model that learnt nothing: ln V
+    assert final < run.summary["unigram_entropy"] - 1.0  # one that ignores context
+    assert run.eval[-1]["eval_loss"] < run.eval[0]["eval_loss"]  # still improving at 20 -> 40
+    assert run.summary["eval_perplexity"] == pytest.approx(math.exp(final))
+
+
+@pytest.mark.slow
+def test_metrics_jsonl_has_one_record_per_logged_step(run):
+    assert [r["step"] for r in run.train] == list(range(5, 41, 5))
+    assert [r["step"] for r in run.eval] == [20, 40]
+    _, schedule = optim.build(run.cfg)
+    for record in run.train:
+        assert {"step", "loss", "loss_avg", "lr", "grad_norm", "tokens", "tokens_seen"} <= set(
+            record
+        )
+        assert {"tokens_per_s", "mfu", "step_time_s"} <= set(record)
+        assert record["tokens_per_s"] > 0 and record["mfu"] > 0 and record["grad_norm"] > 0
+        # the logged lr is the one the step used: schedule(steps taken before it)
+        assert record["lr"] == pytest.approx(float(schedule(record["step"] - 1)), rel=1e-6)
+        assert 0 < record["tokens"] <= run.cfg.train.tokens_per_step
+    for record in run.eval:
+        assert {"eval_loss", "eval_perplexity", "eval_tokens"} <= set(record)
+        assert record["eval_perplexity"] == pytest.approx(math.exp(record["eval_loss"]))
+    seen = [r["tokens_seen"] for r in run.train]
+    assert seen == sorted(seen) and seen[-1] == run.summary["tokens_seen"]
+    # 40 steps of at most 512 tokens, and packing leaves little padding
+    assert 0.5 * 40 * 512 < run.summary["tokens_seen"] <= 40 * 512
+
+
+@pytest.mark.slow
+def test_summary_json_matches_the_returned_summary(run):
+    on_disk = json.loads((run.dir / "summary.json").read_text())
+    assert on_disk == run.summary
+    assert run.summary["steps"] == 40
+    assert run.summary["parameters"] == estimate.param_count(run.cfg.model)
+    assert run.summary["final_train_loss"] == run.train[-1]["loss"]
+    assert run.summary["eval_loss"] == run.eval[-1]["eval_loss"]
+    assert 0 < run.summary["compile_s"] < run.summary["wall_s"]
+
+
+@pytest.mark.slow
+def test_saved_config_reloads_to_the_same_config(run):
+    reloaded = config.load(str(run.dir / "config.yaml"))
+    assert reloaded == run.cfg
+    assert reloaded.data.source.paths == run.cfg.data.source.paths
+
+
+@pytest.mark.slow
+def test_tensorboard_has_the_logged_scalars(run):
+    event_files = list((run.dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert event_files
+    events = EventAccumulator(str(run.dir / "tensorboard"))
+    events.Reload()
+    loss = events.Scalars("loss")
+    assert [e.step for e in loss] == [r["step"] for r in run.train]
+    np.testing.assert_allclose([e.value for e in loss], [r["loss"] for r in run.train], rtol=1e-6)
+    assert [e.step for e in events.Scalars("eval_loss")] == [20, 40]
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def cli(args: list[str], cwd: Path, devices: int = 1) -> subprocess.CompletedProcess:
+    """`python -m maxlm.train ARGS` on `devices` fake CPU devices, compiled at XLA's lowest
+    optimization level: compiling dominates these small runs (about 2x faster this way)."""
+    flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+    return subprocess.run(
+        [sys.executable, "-m", "maxlm.train", *args],
+        cwd=cwd,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def write_config(path: Path, cfg: config.Config) -> Path:
+    path.write_text(cfg.to_yaml())
+    return path
+
+
+class CliRun(NamedTuple):
+    result: subprocess.CompletedProcess
+    expected: config.Config  # what the file plus the command-line overrides should resolve to
+    run: Run
+
+
+@pytest.fixture(scope="module")
+def sharded(corpus, tmp_path_factory):
+    """The command line on a (data 2, fsdp 2, tensor 2) mesh of 8 devices: the file says 50
+    steps, the command line 5, logging every step, evaluating only at the end."""
+    tmp = tmp_path_factory.mktemp("sharded")
+    cfg = config.load(
+        None,
+        overrides(
+            corpus,
+            tmp / "run",
+            "mesh.data=2",
+            "mesh.fsdp=2",
+            "mesh.tensor=2",
+            "train.steps=50",
+            "metrics.tensorboard=false",
+        ),
+    )
+    config_file = write_config(tmp / "run.yaml", cfg)
+    cmd_overrides = ["train.steps=5", "metrics.log_every_steps=1", "eval.every_steps=0"]
+    result = cli([f"--config={config_file}", *cmd_overrides], cwd=tmp, devices=8)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp / "run" / "summary.json").read_text())
+    expected = config.load(str(config_file), cmd_overrides)
+    return CliRun(result, expected, Run(expected, tmp / "run", summary, *read_jsonl(tmp / "run")))
+
+
+def test_command_line_prints_the_resolved_config_and_done(sharded):
+    stdout = sharded.result.stdout
+    # the resolved config is printed first, as saved to the run dir, overrides applied
+    header, _, rest = stdout.partition("\n")
+    assert header == f"# resolved config (saved to {sharded.run.dir / 'config.yaml'})"
+    printed = config.from_dict(yaml.safe_load(rest.split("\n\n", 1)[0]))
+    assert printed == sharded.expected == config.load(str(sharded.run.dir / "config.yaml"))
+    assert printed.train.steps == 5
+    assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8 cpu devices" in stdout
+    assert "step      5/5  loss " in stdout
+    done = [line for line in stdout.splitlines() if line.startswith("done:")]
+    tokens = f"{sharded.run.summary['tokens_seen']:,.0f} tokens"
+    assert len(done) == 1 and done[0].startswith(f"done: 5 steps, {tokens} in ")
+
+
+def test_fsdp_and_tensor_parallel_run(sharded):
+    run = sharded.run
+    assert [r["step"] for r in run.train] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in run.eval] == [5]
+    # a fresh model predicts near-uniformly over the model's vocabulary
+    assert run.train[0]["loss"] == pytest.approx(math.log(MODEL_VOCAB), abs=0.3)
+    assert run.train[-1]["loss"] < run.train[0]["loss"] - 0.1
+    # every step logged: tokens_seen is exactly the sum of the steps' real-token counts
+    assert run.summary["tokens_seen"] == sum(r["tokens"] for r in run.train)
+    # warmup over 2 steps from 0, then constant: step s ran with schedule(s - 1)
+    assert [r["lr"] for r in run.train] == pytest.approx([0.0, 1.5e-3, 3e-3, 3e-3, 3e-3])
+    assert [r["tokens_seen"] for r in run.train] == list(
+        np.cumsum([r["tokens"] for r in run.train])
+    )
+    assert math.isfinite(run.summary["eval_loss"])
+    assert run.summary["parameters"] == estimate.param_count(run.cfg.model)
+    assert not (run.dir / "tensorboard").exists()
+
+
+@pytest.mark.slow
+def test_sharding_does_not_change_the_math(run, sharded):
+    """Same seed, data and schedule on data=8 (in process) vs (2, 2, 2) (command line, XLA
+    optimization level 0): after 4 updates step 5 sees the same loss up to float rounding
+    (seen: 1e-7 relative)."""
+    step5 = next(r for r in run.train if r["step"] == 5)
+    assert sharded.run.train[4]["tokens"] == step5["tokens"]
+    assert sharded.run.train[4]["loss"] == pytest.approx(step5["loss"], rel=1e-5)
+    assert sharded.run.train[4]["grad_norm"] == pytest.approx(step5["grad_norm"], rel=1e-4)
+
+
+def test_command_line_config_error_exits_2_with_one_line(tmp_path):
+    config_file = tmp_path / "bad.yaml"
+    config_file.write_text("model:\n  d_modle: 64\n")
+    result = cli([f"--config={config_file}"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == "error: model.d_modle: unknown key; did you mean 'model.d_model'?\n"
+    assert result.stdout == ""
+    assert not (tmp_path / "runs").exists()
+
+
+def test_config_error_found_during_the_run_exits_2(corpus, tmp_path, capsys):
+    """An error train() finds (the model's vocabulary is smaller than the tokenizer's) takes
+    the same exit: code 2 and one line on stderr."""
+    argv = overrides(corpus, tmp_path, "model.vocab_size=100", "train.steps=3")
+    with pytest.raises(ConfigError, match=r"^model\.vocab_size: 100 "):
+        train(config.load(None, argv))
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: model.vocab_size: 100 is smaller than the tokenizer's {TOKENIZER_VOCAB} tokens\n"
+    )
+
+
+def test_nan_loss_fails_fast_naming_the_step(corpus, tmp_path):
+    """lr 1e6 without clipping: the run stops with FloatingPointError at the first non-finite
+    loss or gradient norm, having logged every step before it and written no summary."""
+    cfg = config.load(
+        None,
+        overrides(
+            corpus,
+            tmp_path / "run",
+            "optim.lr=1e6",
+            "optim.clip_grad_norm=null",
+            "train.steps=20",
+            "eval.every_steps=0",
+            "metrics.log_every_steps=1",
+            "metrics.tensorboard=false",
+        ),
+    )
+    result = cli([f"--config={write_config(tmp_path / 'run.yaml', cfg)}"], cwd=tmp_path)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    match = re.fullmatch(
+        r"FloatingPointError: (loss|grad_norm) is (nan|inf|-inf) at step (\d+)", last
+    )
+    assert match, result.stderr[-3000:]
+    nan_step = int(match.group(3))
+    assert 1 <= nan_step < 20
+    train_records, _ = read_jsonl(tmp_path / "run")
+    assert [r["step"] for r in train_records] == list(range(1, nan_step))
+    assert all(math.isfinite(r["loss"]) for r in train_records)
+    assert not (tmp_path / "run" / "summary.json").exists()
