@@ -64,6 +64,10 @@ class Throughput:
         """Start a new window (after evaluation, so eval time is not counted as training)."""
         self._start, self._tokens, self._steps = time.perf_counter(), 0, 0
 
+    def exclude(self, seconds: float) -> None:
+        """Leave time spent on something else (evaluation) out of the window."""
+        self._start += seconds
+
     def add(self, tokens: int) -> None:
         self._tokens += tokens
         self._steps += 1

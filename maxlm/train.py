@@ -149,19 +149,19 @@ def train(cfg: Config) -> dict[str, Any]:
         batch = global_batch.to_global(next(train_iter), batch_sharding)
         state, metrics = steps.train(state, batch)
         if pending is not None:
-            progress.report(*pending)  # the previous step's, while this one runs
+            progress.log(*pending)  # the previous step's, while this one runs
         pending = (step, metrics)
-        last = step == cfg.train.steps
-        if last or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0):
-            progress.report(*pending)
+        if step == cfg.train.steps or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0):
+            record = progress.collect(step, metrics) or {}
             pending = None
+            eval_start = time.perf_counter()
             eval_result = evaluate(steps.eval, state.params, eval_batches)
+            progress.throughput.exclude(time.perf_counter() - eval_start)
             log(
                 f"eval at step {step}: loss {eval_result['eval_loss']:.4f}  "
                 f"perplexity {eval_result['eval_perplexity']:.2f}"
             )
-            writer.write(step, eval_result)
-            progress.throughput.restart()
+            writer.write(step, {**record, **eval_result})
     writer.close()
 
     summary = {
@@ -201,7 +201,13 @@ class Progress:
     def elapsed(self) -> float:
         return time.perf_counter() - self._start
 
-    def report(self, step: int, metrics: Any) -> None:
+    def log(self, step: int, metrics: Any) -> None:
+        record = self.collect(step, metrics)
+        if record is not None:
+            self.writer.write(step, record)
+
+    def collect(self, step: int, metrics: Any) -> dict[str, float] | None:
+        """Account for one step; at logging steps print a progress line and return the record."""
         values = {key: float(value) for key, value in jax.device_get(metrics).items()}
         for key in ("loss", "grad_norm"):
             if not math.isfinite(values[key]):
@@ -211,7 +217,7 @@ class Progress:
         self._window_losses.append(values["loss"])
         self.throughput.add(self.cfg.train.tokens_per_step)
         if step % self.cfg.metrics.log_every_steps and step != self.cfg.train.steps:
-            return
+            return None
         record = {
             **values,
             "loss_avg": sum(self._window_losses) / len(self._window_losses),
@@ -221,7 +227,7 @@ class Progress:
         self._window_losses = []
         eta = self.elapsed() / step * (self.cfg.train.steps - step)
         log(format_progress(step, self.cfg.train.steps, record, eta))
-        self.writer.write(step, record)
+        return record
 
 
 def main(argv: Sequence[str] | None = None) -> None:
