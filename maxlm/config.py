@@ -307,6 +307,12 @@ class DataConfig(Section):
     eval_fraction: float = _field(
         0.02, "Share of documents held out for evaluation (chosen by a hash of the id).", ge=0, lt=1
     )
+    shuffle_window: int = _field(
+        1024,
+        "Document pieces (<= seq_len tokens) shuffled together before packing, so one batch "
+        "mixes many documents (0: off).",
+        ge=0,
+    )
     add_bos: bool = _field(True, "Prepend BOS to every document.")
     add_eos: bool = _field(True, "Append EOS to every document.")
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.typing import DTypeLike
 
 from maxlm.config import ModelConfig
 
@@ -76,7 +77,7 @@ class Linear(nnx.Module):
         self.kernel = _param(init(rngs.params(), shape, param_dtype), names)
         self.dtype = dtype
 
-    def __call__(self, spec: str, x: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
+    def __call__(self, spec: str, x: jax.Array, out_dtype: DTypeLike | None = None) -> jax.Array:
         kernel = self.kernel[...].astype(self.dtype)
         return jnp.einsum(spec, x, kernel, preferred_element_type=out_dtype)
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
 from maxlm import sharding
 from maxlm.config import Config, ModelConfig
@@ -39,12 +39,12 @@ def build_model(cfg: ModelConfig, seed: int, constrain: Constrain | None = None)
 def split_params(model: Llama) -> tuple[nnx.GraphDef, Any]:
     """The model's static structure and its parameters as a plain nested dict (HF-like names)."""
     graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, params.to_pure_dict()
+    return graphdef, nnx.to_pure_dict(params)
 
 
 def logical_names(model: Llama) -> Any:
     """PartitionSpecs of logical axis names, shaped like `split_params(model)[1]`."""
-    return nnx.get_partition_spec(nnx.state(model, nnx.Param)).to_pure_dict()
+    return nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(model, nnx.Param)))
 
 
 def blueprint(cfg: Config, optimizer: optax.GradientTransformation, mesh: Mesh) -> Blueprint:
@@ -97,10 +97,3 @@ def bytes_per_device(abstract: Any, shardings: Any) -> int:
             size *= dim
         total += size * jnp.dtype(leaf.dtype).itemsize
     return total
-
-
-def specs(shardings: Any) -> Any:
-    """PartitionSpecs of a tree of NamedShardings (for display and tests)."""
-    return jax.tree_util.tree_map(
-        lambda s: s.spec, shardings, is_leaf=lambda x: isinstance(x, PartitionSpec)
-    )

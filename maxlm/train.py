@@ -24,6 +24,9 @@ from maxlm.data import global_batch, pipeline, sources, tokenizer as tokenizer_l
 from maxlm.metrics import MetricsWriter, Throughput, format_duration, format_progress
 from maxlm.model import compute_dtype
 
+# fixed, not run.seed: held-out batches stay comparable across runs with different seeds
+HELD_OUT_SAMPLE_SEED = 0
+
 
 def log(message: str) -> None:
     if jax.process_index() == 0:
@@ -118,6 +121,7 @@ def train(cfg: Config) -> dict[str, Any]:
             seed=cfg.run.seed,
             add_bos=cfg.data.add_bos,
             add_eos=cfg.data.add_eos,
+            shuffle_window=cfg.data.shuffle_window,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
@@ -132,6 +136,8 @@ def train(cfg: Config) -> dict[str, Any]:
             num_batches=cfg.eval.batches,
             add_bos=cfg.data.add_bos,
             add_eos=cfg.data.add_eos,
+            seed=HELD_OUT_SAMPLE_SEED,
+            shuffle_window=cfg.data.shuffle_window,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )

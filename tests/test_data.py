@@ -163,9 +163,22 @@ def test_missing_bos_token_is_a_clear_error(docs, tok):
         rows_of(docs, no_bos)
 
 
-def test_one_epoch_has_every_token_exactly_once(docs, tok):
+@pytest.mark.parametrize("shuffle_window", [0, 16])
+def test_one_epoch_has_every_token_exactly_once(docs, tok, shuffle_window):
     expected = collections.Counter(t for ids in doc_targets(docs, tok) for t in ids)
-    assert target_counts(rows_of(docs, tok)) == expected
+    assert target_counts(rows_of(docs, tok, shuffle_window=shuffle_window)) == expected
+
+
+def test_shuffle_window_reorders_pieces_across_documents(docs, tok):
+    plain = rows_of(docs, tok)
+    mixed = rows_of(docs, tok, shuffle_window=16)
+    # same pieces, other rows: consecutive pieces of a long document no longer sit together
+    assert target_counts(mixed) == target_counts(plain)
+    assert any(
+        not np.array_equal(a["targets"], b["targets"]) for a, b in zip(plain, mixed, strict=False)
+    )
+    starts = [int(r["positions"][0]) for r in mixed]
+    assert starts != sorted(starts) and len(set(starts)) > 1
 
 
 def test_long_document_is_split_not_truncated(docs, tok):
@@ -183,8 +196,12 @@ def test_long_document_is_split_not_truncated(docs, tok):
     assert [t for _, t in pairs] == targets
 
 
-def test_iterator_state_restores_exactly(docs, tok):
-    ds = train_dataset(docs, tok, seq_len=SEQ_LEN, batch_size=4, seed=3, add_bos=True, add_eos=True)
+@pytest.mark.parametrize("shuffle_window", [0, 8])
+def test_iterator_state_restores_exactly(docs, tok, shuffle_window):
+    ds = train_dataset(
+        docs, tok, seq_len=SEQ_LEN, batch_size=4, seed=3, add_bos=True, add_eos=True,
+        shuffle_window=shuffle_window,
+    )  # fmt: skip
     it = iter(ds)
     for _ in range(7):
         next(it)
@@ -218,11 +235,13 @@ def test_each_epoch_is_a_new_permutation(docs):
     assert [next_seed[i] for i in range(n)] != epochs[1], "seed s+1 must not replay epoch 1 of s"
 
 
-def test_eval_batches_are_deterministic_and_repeat_few_docs(docs, tok):
+@pytest.mark.parametrize(("seed", "shuffle_window"), [(None, 0), (0, 8)])
+def test_eval_batches_are_deterministic_and_repeat_few_docs(docs, tok, seed, shuffle_window):
     def batches(d):
         return eval_batches(
-            d, tok, seq_len=SEQ_LEN, batch_size=2, num_batches=6, add_bos=True, add_eos=True
-        )
+            d, tok, seq_len=SEQ_LEN, batch_size=2, num_batches=6, add_bos=True, add_eos=True,
+            seed=seed, shuffle_window=shuffle_window,
+        )  # fmt: skip
 
     first, second = batches(docs), batches(docs)
     assert len(first) == 6

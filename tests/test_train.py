@@ -124,7 +124,8 @@ def test_loss_falls_below_the_baselines(run):
 def test_metrics_jsonl_has_one_record_per_logged_step(run):
     assert [r["step"] for r in run.train] == list(range(5, 41, 5))
     assert [r["step"] for r in run.eval] == [20, 40]
-    all_steps = [json.loads(line)["step"] for line in (run.dir / "metrics.jsonl").open()]
+    lines = (run.dir / "metrics.jsonl").read_text().splitlines()
+    all_steps = [json.loads(line)["step"] for line in lines]
     assert all_steps == sorted(set(all_steps)), "one JSON object per logged step"
     _, schedule = optim.build(run.cfg)
     for record in run.train:

@@ -36,6 +36,7 @@ def train_dataset(
     seed: int,
     add_bos: bool,
     add_eos: bool,
+    shuffle_window: int = 0,
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.IterDataset:
@@ -47,6 +48,7 @@ def train_dataset(
         seq_len=seq_len,
         num_bins=batch_size,
         shuffle_seed=seed,
+        shuffle_window=shuffle_window,
         add_bos=add_bos,
         add_eos=add_eos,
         process_index=process_index,
@@ -64,16 +66,20 @@ def eval_batches(
     num_batches: int,
     add_bos: bool,
     add_eos: bool,
+    seed: int | None = None,
+    shuffle_window: int = 0,
     process_index: int = 0,
     process_count: int = 1,
 ) -> list[Batch]:
-    """The first `num_batches` packed batches of `docs` in order (repeated when too few)."""
+    """The first `num_batches` packed batches of `docs` (repeated when too few): in order, or
+    sampled across documents with a fixed `seed` and `shuffle_window`; the same every call."""
     rows = packed_rows(
         docs,
         tokenizer,
         seq_len=seq_len,
         num_bins=batch_size,
-        shuffle_seed=None,
+        shuffle_seed=seed,
+        shuffle_window=shuffle_window,
         add_bos=add_bos,
         add_eos=add_eos,
         process_index=process_index,
@@ -92,12 +98,14 @@ def packed_rows(
     shuffle_seed: int | None,
     add_bos: bool,
     add_eos: bool,
+    shuffle_window: int = 0,
     process_index: int = 0,
     process_count: int = 1,
     num_epochs: int | None = None,
 ) -> grain.IterDataset:
     """Packed rows of shape (seq_len,): this process's `document_stream`, tokenized, split
-    into pieces and first-fit packed into `num_bins` rows at a time."""
+    into pieces, shuffled within windows of `shuffle_window` pieces (when > 1 and seeded),
+    and first-fit packed into `num_bins` rows at a time."""
     if add_bos and tokenizer.bos_id is None:
         raise ValueError("data.add_bos: the tokenizer has no BOS token")
     if add_eos and tokenizer.eos_id is None:
@@ -115,6 +123,11 @@ def packed_rows(
         )
     )
     flat = grain.experimental.FlatMapIterDataset(pieces.to_iter_dataset(), _Flatten())
+    if shuffle_seed is not None and shuffle_window > 1:
+        # consecutive pieces of one long document would otherwise fill a whole batch
+        flat = grain.experimental.WindowShuffleIterDataset(
+            flat, window_size=shuffle_window, seed=_shuffle_seed(shuffle_seed + 1)
+        )
     packed = grain.experimental.FirstFitPackIterDataset(
         flat,
         length_struct=dict.fromkeys(_PACKED, seq_len),
