@@ -339,6 +339,14 @@ class EvalConfig(Section):
     batches: int = _field(8, "Held-out batches per evaluation.", gt=0)
 
 
+class CheckpointConfig(Section):
+    every_steps: int = _field(
+        1000, "Save a checkpoint every N steps and at the last step (0: never).", ge=0
+    )
+    keep: int = _field(3, "Keep the newest N checkpoints.", gt=0)
+    async_save: bool = _field(True, "Write checkpoints in the background while training goes on.")
+
+
 class MetricsConfig(Section):
     log_every_steps: int = _field(10, "Write and print metrics every N steps.", gt=0)
     tensorboard: bool = _field(True, "Also write TensorBoard event files to the run directory.")
@@ -353,6 +361,7 @@ class Config(Section):
     data: DataConfig = _field(DataConfig(), "Training and held-out data.")
     train: TrainConfig = _field(TrainConfig(), "Steps, batch and sequence shape.")
     eval: EvalConfig = _field(EvalConfig(), "Periodic held-out evaluation.")
+    checkpoint: CheckpointConfig = _field(CheckpointConfig(), "Saving and resuming.")
     metrics: MetricsConfig = _field(MetricsConfig(), "Logging.")
 
     @model_validator(mode="after")

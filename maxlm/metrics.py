@@ -14,9 +14,16 @@ import jax
 class MetricsWriter:
     """Writes `<run_dir>/metrics.jsonl` and TensorBoard events; only process 0 writes."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int = 0) -> None:
+        """`resume_step` > 0 keeps the records up to that step (a resumed run rewrites the
+        steps after its checkpoint); 0 starts a fresh file."""
         self.enabled = jax.process_index() == 0
-        self._jsonl = open(run_dir / "metrics.jsonl", "w") if self.enabled else None  # noqa: SIM115
+        self._jsonl = None
+        if self.enabled:
+            path = run_dir / "metrics.jsonl"
+            kept = _records_until(path, resume_step) if resume_step and path.exists() else []
+            self._jsonl = open(path, "w")  # noqa: SIM115
+            self._jsonl.writelines(kept)
         self._tb = None
         if self.enabled and tensorboard:
             from tensorboardX import SummaryWriter
@@ -40,6 +47,11 @@ class MetricsWriter:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _records_until(path: Path, step: int) -> list[str]:
+    lines = path.read_text().splitlines(keepends=True)
+    return [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
 
 
 def _plain(value: Any) -> Any:

@@ -19,6 +19,7 @@ from maxlm import (
     state as state_lib,
     train_step,
 )
+from maxlm.checkpoint import Checkpointer
 from maxlm.config import Config, ConfigError
 from maxlm.data import global_batch, pipeline, sources, tokenizer as tokenizer_lib
 from maxlm.metrics import MetricsWriter, Throughput, format_duration, format_progress
@@ -110,7 +111,6 @@ def train(cfg: Config) -> dict[str, Any]:
     )
     log(f"compiled train step in {steps.compile_s:.1f} s{detail}")
 
-    state = state_lib.init(cfg, steps.optimizer, blue)
     per_process = cfg.train.global_batch_size // jax.process_count()
     train_iter = iter(
         pipeline.train_dataset(
@@ -143,23 +143,36 @@ def train(cfg: Config) -> dict[str, Any]:
         )
     ]
 
+    checkpointer = Checkpointer(cfg.checkpoint, run_dir)
+    start = checkpointer.latest_step() or 0
+    if start:
+        state, tokens_seen = checkpointer.restore(start, blue, train_iter)
+        log(f"resumed from the checkpoint of step {start} in {checkpointer.directory}")
+    else:
+        state, tokens_seen = state_lib.init(cfg, steps.optimizer, blue), 0.0
+
     peak, peak_source = estimate.peak_flops(jax.devices(), compute_dtype(cfg.model.dtype).name)
     flops_per_token = estimate.flops_per_token(cfg.model, cfg.train.seq_len)
     log(f"MFU is against the {peak_source}; {flops_per_token / 1e6:.1f} MFLOP per token")
-    writer = MetricsWriter(run_dir, cfg.metrics.tensorboard)
-    progress = Progress(cfg, writer, Throughput(flops_per_token, peak))
+    writer = MetricsWriter(run_dir, cfg.metrics.tensorboard, resume_step=start)
+    progress = Progress(cfg, writer, Throughput(flops_per_token, peak), start, tokens_seen)
     eval_result: dict[str, float] = {}
 
     pending = None
-    for step in range(1, cfg.train.steps + 1):
+    for step in range(start + 1, cfg.train.steps + 1):
         batch = global_batch.to_global(next(train_iter), batch_sharding)
         state, metrics = steps.train(state, batch)
         if pending is not None:
             progress.log(*pending)  # the previous step's, while this one runs
         pending = (step, metrics)
-        if step == cfg.train.steps or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0):
-            record = progress.collect(step, metrics) or {}
-            pending = None
+        last = step == cfg.train.steps
+        eval_due = last or bool(cfg.eval.every_steps and step % cfg.eval.every_steps == 0)
+        save_due = checkpointer.due(step, cfg.train.steps)
+        if not (eval_due or save_due):
+            continue
+        record = progress.collect(step, metrics) or {}
+        pending = None
+        if eval_due:
             eval_start = time.perf_counter()
             eval_result = evaluate(steps.eval, state.params, eval_batches)
             progress.throughput.exclude(time.perf_counter() - eval_start)
@@ -167,8 +180,15 @@ def train(cfg: Config) -> dict[str, Any]:
                 f"eval at step {step}: loss {eval_result['eval_loss']:.4f}  "
                 f"perplexity {eval_result['eval_perplexity']:.2f}"
             )
-            writer.write(step, {**record, **eval_result})
+            record.update(eval_result)
+        if record:
+            writer.write(step, record)
+        if save_due:
+            checkpointer.save(step, state, train_iter, progress.tokens_seen)
+    checkpointer.close()
     writer.close()
+    if not eval_result:  # a finished run restarted: nothing left to train, report where it is
+        eval_result = evaluate(steps.eval, state.params, eval_batches)
 
     summary = {
         "steps": cfg.train.steps,
@@ -195,12 +215,20 @@ def train(cfg: Config) -> dict[str, Any]:
 class Progress:
     """Turns each step's device metrics into logs: NaN check, token count, window averages."""
 
-    def __init__(self, cfg: Config, writer: MetricsWriter, throughput: Throughput) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        writer: MetricsWriter,
+        throughput: Throughput,
+        start_step: int = 0,
+        tokens_seen: float = 0.0,
+    ) -> None:
         self.cfg = cfg
         self.writer = writer
         self.throughput = throughput
-        self.tokens_seen = 0.0
-        self.last_loss = float("nan")
+        self.start_step = start_step
+        self.tokens_seen = tokens_seen
+        self.last_loss: float | None = None
         self._window_losses: list[float] = []
         self._start = time.perf_counter()
 
@@ -231,7 +259,7 @@ class Progress:
             **self.throughput.report(),
         }
         self._window_losses = []
-        eta = self.elapsed() / step * (self.cfg.train.steps - step)
+        eta = self.elapsed() / (step - self.start_step) * (self.cfg.train.steps - step)
         log(format_progress(step, self.cfg.train.steps, record, eta))
         return record
 

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -328,3 +329,54 @@ def test_nan_loss_fails_fast_naming_the_step(corpus, tmp_path):
     assert [r["step"] for r in train_records] == list(range(1, nan_step))
     assert all(math.isfinite(r["loss"]) for r in train_records)
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.slow
+def test_resume_from_a_checkpoint_repeats_the_run_exactly(corpus, tmp_path):
+    """Lose the newest checkpoint (as if the run died right after step 8's save) and rerun:
+    steps 9-10 repeat bit for bit, tokens and held-out loss included."""
+    run_dir = tmp_path / "run"
+    cfg = config.load(
+        None,
+        overrides(
+            corpus,
+            run_dir,
+            "train.steps=10",
+            "checkpoint.every_steps=4",
+            "checkpoint.keep=3",
+            "eval.every_steps=0",
+            "metrics.log_every_steps=1",
+            "metrics.tensorboard=false",
+        ),
+    )
+    first = train(cfg)
+    first_records, _ = read_jsonl(run_dir)
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [4, 8, 10]
+    shutil.rmtree(checkpoints / "10")
+
+    second = train(cfg)
+    second_records, _ = read_jsonl(run_dir)
+    assert [r["step"] for r in second_records] == list(range(1, 11))
+    exact = ("loss", "grad_norm", "param_norm", "lr", "tokens", "tokens_seen")
+    for a, b in zip(first_records, second_records, strict=True):
+        assert {k: a[k] for k in exact} == {k: b[k] for k in exact}, a["step"]
+    assert second["eval_loss"] == first["eval_loss"]
+    assert second["tokens_seen"] == first["tokens_seen"]
+    assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [4, 8, 10]
+
+
+def test_finished_run_resumes_to_nothing_left(corpus, tmp_path):
+    """Rerunning a finished run restores its last step and trains no more."""
+    cfg = config.load(
+        None,
+        overrides(corpus, tmp_path / "run", "train.steps=3", "metrics.tensorboard=false"),
+    )
+    train(cfg)
+    records_before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    again = train(cfg)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == records_before
+    assert again["steps"] == 3

@@ -1,0 +1,84 @@
+"""Orbax checkpoints of the train state and the data iterator: save every N steps, resume.
+
+A step's checkpoint holds the sharded TrainState and each process's grain iterator state, so a
+restarted run continues with the very next batch. Orbax commits each step atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from maxlm.config import CheckpointConfig
+from maxlm.state import Blueprint, TrainState
+
+
+class _IteratorSnapshot:
+    """The iterator's position when save() was called: the live iterator moves on while orbax
+    writes in the background. grain's handler stores a non-dataset item's bytes as they are."""
+
+    def __init__(self, iterator: Any) -> None:
+        self._state = json.dumps(iterator.get_state()).encode()
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
+class Checkpointer:
+    """A run directory's checkpoints: `<run.dir>/checkpoints/<step>/{state,data}`."""
+
+    def __init__(self, cfg: CheckpointConfig, run_dir: Path) -> None:
+        self.every_steps = cfg.every_steps
+        self.directory = (run_dir / "checkpoints").absolute()
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def due(self, step: int, last_step: int) -> bool:
+        return self.every_steps > 0 and (step % self.every_steps == 0 or step == last_step)
+
+    def save(self, step: int, state: TrainState, iterator: Any, tokens_seen: float) -> None:
+        """Start writing step `step` (asynchronously); errors of an earlier save surface here."""
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(iterator)),
+                progress=ocp.args.JsonSave({"tokens_seen": tokens_seen}),
+            ),
+        )
+
+    def restore(self, step: int, blueprint: Blueprint, iterator: Any) -> tuple[TrainState, float]:
+        """The state of `step` placed with the blueprint's shardings, and the tokens seen by
+        then; `iterator` is rewound to the batch after that step."""
+        target = jax.tree.map(
+            lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+            blueprint.abstract,
+            blueprint.shardings,
+        )
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target),
+                data=grain.checkpoint.CheckpointRestore(iterator),
+                progress=ocp.args.JsonRestore(),
+            ),
+        )
+        state: TrainState = restored["state"]
+        return state, float(restored["progress"]["tokens_seen"])
+
+    def close(self) -> None:
+        """Wait for pending writes to commit."""
+        self._manager.wait_until_finished()
+        self._manager.close()
