@@ -111,35 +111,21 @@ def train(cfg: Config) -> dict[str, Any]:
     )
     log(f"compiled train step in {steps.compile_s:.1f} s{detail}")
 
-    per_process = cfg.train.global_batch_size // jax.process_count()
-    train_iter = iter(
-        pipeline.train_dataset(
-            train_docs,
-            tokenizer,
-            seq_len=cfg.train.seq_len,
-            batch_size=per_process,
-            seed=cfg.run.seed,
-            add_bos=cfg.data.add_bos,
-            add_eos=cfg.data.add_eos,
-            shuffle_window=cfg.data.shuffle_window,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-    )
+    packing = {
+        "tokenizer": tokenizer,
+        "seq_len": cfg.train.seq_len,
+        "batch_size": cfg.train.global_batch_size // jax.process_count(),
+        "add_bos": cfg.data.add_bos,
+        "add_eos": cfg.data.add_eos,
+        "shuffle_window": cfg.data.shuffle_window,
+        "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
+    }
+    train_iter = iter(pipeline.train_dataset(train_docs, seed=cfg.run.seed, **packing))
     eval_batches = [
-        global_batch.to_global(b, batch_sharding)
-        for b in pipeline.eval_batches(
-            eval_docs,
-            tokenizer,
-            seq_len=cfg.train.seq_len,
-            batch_size=per_process,
-            num_batches=cfg.eval.batches,
-            add_bos=cfg.data.add_bos,
-            add_eos=cfg.data.add_eos,
-            seed=HELD_OUT_SAMPLE_SEED,
-            shuffle_window=cfg.data.shuffle_window,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
+        global_batch.to_global(batch, batch_sharding)
+        for batch in pipeline.eval_batches(
+            eval_docs, num_batches=cfg.eval.batches, seed=HELD_OUT_SAMPLE_SEED, **packing
         )
     ]
 

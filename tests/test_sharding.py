@@ -62,22 +62,12 @@ def synthetic_batches(cfg: config.Config, count: int) -> list[dict[str, np.ndarr
 
 def run_losses(cfg: config.Config, devices: list) -> tuple[list[float], state_lib.TrainState]:
     mesh = mesh_lib.make(cfg.mesh, devices)
-    optimizer, schedule = optim.build(cfg)
-    blue = state_lib.blueprint(cfg, optimizer, mesh)
-    batch_sharding = sharding.batch_sharding(mesh, cfg.mesh.rules)
-    step = train_step.make_train_step(
-        blue.graphdef,
-        optimizer,
-        schedule,
-        state_shardings=blue.shardings,
-        batch_sharding=batch_sharding,
-        grad_accum_steps=cfg.train.grad_accum_steps,
-    )
-    state = state_lib.init(cfg, optimizer, blue)
+    steps = train_step.build(cfg, mesh)
+    state = state_lib.init(cfg, steps.optimizer, steps.blueprint)
     losses = []
     for batch in synthetic_batches(cfg, STEPS):
-        placed = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
-        state, metrics = step(state, placed)
+        placed = {k: jax.device_put(v, steps.batch_sharding) for k, v in batch.items()}
+        state, metrics = steps.train(state, placed)
         losses.append(float(metrics["loss"]))
     return losses, state
 
