@@ -313,6 +313,11 @@ class DataConfig(Section):
         "mixes many documents (0: off).",
         ge=0,
     )
+    packing: Literal["first_fit", "best_fit", "concat_split"] = _field(
+        "first_fit",
+        "How pieces fill rows: first_fit / best_fit keep pieces whole (some padding); "
+        "concat_split fills every row (a piece may continue in the next row).",
+    )
     add_bos: bool = _field(True, "Prepend BOS to every document.")
     add_eos: bool = _field(True, "Append EOS to every document.")
 

@@ -118,6 +118,7 @@ def train(cfg: Config) -> dict[str, Any]:
         "add_bos": cfg.data.add_bos,
         "add_eos": cfg.data.add_eos,
         "shuffle_window": cfg.data.shuffle_window,
+        "packing": cfg.data.packing,
         "process_index": jax.process_index(),
         "process_count": jax.process_count(),
     }
@@ -216,6 +217,7 @@ class Progress:
         self.tokens_seen = tokens_seen
         self.last_loss: float | None = None
         self._window_losses: list[float] = []
+        self._window_tokens = 0.0
         self._start = time.perf_counter()
 
     def elapsed(self) -> float:
@@ -235,16 +237,20 @@ class Progress:
         self.tokens_seen += values["tokens"]
         self.last_loss = values["loss"]
         self._window_losses.append(values["loss"])
+        self._window_tokens += values["tokens"]
         self.throughput.add(self.cfg.train.tokens_per_step)
         if step % self.cfg.metrics.log_every_steps and step != self.cfg.train.steps:
             return None
+        window_capacity = len(self._window_losses) * self.cfg.train.tokens_per_step
         record = {
             **values,
             "loss_avg": sum(self._window_losses) / len(self._window_losses),
+            "packing_efficiency": self._window_tokens / window_capacity,
             "tokens_seen": self.tokens_seen,
             **self.throughput.report(),
         }
         self._window_losses = []
+        self._window_tokens = 0.0
         eta = self.elapsed() / (step - self.start_step) * (self.cfg.train.steps - step)
         log(format_progress(step, self.cfg.train.steps, record, eta))
         return record

@@ -24,6 +24,7 @@ from maxlm.data.sources import documents, split
 from maxlm.data.tokenizer import load_tokenizer
 
 SEQ_LEN = 32
+PACKINGS = ["first_fit", "best_fit", "concat_split"]
 WORDS = ["def", "return", "self", "x", "=", "+", "(", ")", ":", "if", "else", "café", "日本"]
 
 
@@ -130,8 +131,12 @@ def test_split_is_deterministic_disjoint_and_never_empty(docs):
 # --------------------------------------------------------------------------- batches
 
 
-def test_batches_have_fixed_shapes_and_consistent_masks(docs, tok):
-    ds = train_dataset(docs, tok, seq_len=SEQ_LEN, batch_size=4, seed=0, add_bos=True, add_eos=True)
+@pytest.mark.parametrize("packing", PACKINGS)
+def test_batches_have_fixed_shapes_and_consistent_masks(docs, tok, packing):
+    ds = train_dataset(
+        docs, tok, seq_len=SEQ_LEN, batch_size=4, seed=0, add_bos=True, add_eos=True,
+        packing=packing,
+    )  # fmt: skip
     it = iter(ds)
     for _ in range(20):
         batch = next(it)
@@ -139,10 +144,13 @@ def test_batches_have_fixed_shapes_and_consistent_masks(docs, tok):
         for value in batch.values():
             assert value.shape == (4, SEQ_LEN) and value.dtype == np.int32
         for r in range(4):
-            check_row({key: value[r] for key, value in batch.items()}, tok)
+            row = {key: value[r] for key, value in batch.items()}
+            check_row(row, tok, whole_pieces=packing != "concat_split")
+            if packing == "concat_split":
+                assert (row["segment_ids"] > 0).all(), "concat-then-split rows have no padding"
 
 
-def check_row(row, tok):
+def check_row(row, tok, whole_pieces=True):
     tokens, targets, seg, pos = (row[k] for k in ("tokens", "targets", "segment_ids", "positions"))
     real = seg > 0
     n = int(real.sum())
@@ -150,7 +158,8 @@ def check_row(row, tok):
     assert (tokens[n:] == tok.pad_id).all() and (pos[n:] == 0).all()
     assert (np.diff(seg[:n]) >= 0).all() and (np.diff(seg[:n]) <= 1).all()
     starts = np.flatnonzero(np.diff(seg[:n], prepend=0))
-    assert (pos[starts] % SEQ_LEN == 0).all(), "a piece starts at a multiple of seq_len"
+    if whole_pieces:
+        assert (pos[starts] % SEQ_LEN == 0).all(), "a piece starts at a multiple of seq_len"
     same = (seg[1:] == seg[:-1]) & real[1:]
     assert (targets[:-1][same] == tokens[1:][same]).all(), "targets are the next inputs"
     assert (np.diff(pos)[same] == 1).all(), "positions count up within a piece"
@@ -163,10 +172,12 @@ def test_missing_bos_token_is_a_clear_error(docs, tok):
         rows_of(docs, no_bos)
 
 
+@pytest.mark.parametrize("packing", PACKINGS)
 @pytest.mark.parametrize("shuffle_window", [0, 16])
-def test_one_epoch_has_every_token_exactly_once(docs, tok, shuffle_window):
+def test_one_epoch_has_every_token_exactly_once(docs, tok, shuffle_window, packing):
     expected = collections.Counter(t for ids in doc_targets(docs, tok) for t in ids)
-    assert target_counts(rows_of(docs, tok, shuffle_window=shuffle_window)) == expected
+    rows = rows_of(docs, tok, shuffle_window=shuffle_window, packing=packing)
+    assert target_counts(rows) == expected
 
 
 def test_shuffle_window_reorders_pieces_across_documents(docs, tok):

@@ -133,7 +133,8 @@ def test_metrics_jsonl_has_one_record_per_logged_step(run):
         assert {"step", "loss", "loss_avg", "lr", "grad_norm", "tokens", "tokens_seen"} <= set(
             record
         )
-        assert {"tokens_per_s", "mfu", "step_time_s"} <= set(record)
+        assert {"tokens_per_s", "mfu", "step_time_s", "packing_efficiency"} <= set(record)
+        assert 0.5 < record["packing_efficiency"] <= 1.0
         assert record["tokens_per_s"] > 0 and record["mfu"] > 0 and record["grad_norm"] > 0
         # the logged lr is the one the step used: schedule(steps taken before it)
         assert record["lr"] == pytest.approx(float(schedule(record["step"] - 1)), rel=1e-6)
@@ -364,6 +365,9 @@ def test_resume_from_a_checkpoint_repeats_the_run_exactly(corpus, tmp_path):
     exact = ("loss", "grad_norm", "param_norm", "lr", "tokens", "tokens_seen")
     for a, b in zip(first_records, second_records, strict=True):
         assert {k: a[k] for k in exact} == {k: b[k] for k in exact}, a["step"]
+        # logged every step: the window is that one step
+        tokens_per_step = cfg.train.tokens_per_step
+        assert b["packing_efficiency"] == pytest.approx(b["tokens"] / tokens_per_step)
     assert second["eval_loss"] == first["eval_loss"]
     assert second["tokens_seen"] == first["tokens_seen"]
     assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [4, 8, 10]

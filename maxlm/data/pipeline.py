@@ -8,7 +8,8 @@ Every batch is a dict of int32 arrays of shape (batch, seq_len):
 A document longer than seq_len becomes consecutive pieces of at most seq_len tokens; a
 continuation piece keeps counting positions from its offset in the document (so RoPE sees true
 positions), although it cannot attend to the earlier pieces. No token is dropped or repeated
-within an epoch: packing pads instead of truncating.
+within an epoch: first-/best-fit packing pads instead of truncating, and concat-then-split
+continues a piece in the next row (with its positions) instead of padding.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def train_dataset(
     add_bos: bool,
     add_eos: bool,
     shuffle_window: int = 0,
+    packing: str = "first_fit",
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.IterDataset:
@@ -49,6 +51,7 @@ def train_dataset(
         num_bins=batch_size,
         shuffle_seed=seed,
         shuffle_window=shuffle_window,
+        packing=packing,
         add_bos=add_bos,
         add_eos=add_eos,
         process_index=process_index,
@@ -68,6 +71,7 @@ def eval_batches(
     add_eos: bool,
     seed: int | None = None,
     shuffle_window: int = 0,
+    packing: str = "first_fit",
     process_index: int = 0,
     process_count: int = 1,
 ) -> list[Batch]:
@@ -80,6 +84,7 @@ def eval_batches(
         num_bins=batch_size,
         shuffle_seed=seed,
         shuffle_window=shuffle_window,
+        packing=packing,
         add_bos=add_bos,
         add_eos=add_eos,
         process_index=process_index,
@@ -99,6 +104,7 @@ def packed_rows(
     add_bos: bool,
     add_eos: bool,
     shuffle_window: int = 0,
+    packing: str = "first_fit",
     process_index: int = 0,
     process_count: int = 1,
     num_epochs: int | None = None,
@@ -128,13 +134,7 @@ def packed_rows(
         flat = grain.experimental.WindowShuffleIterDataset(
             flat, window_size=shuffle_window, seed=_shuffle_seed(shuffle_seed + 1)
         )
-    packed = grain.experimental.FirstFitPackIterDataset(
-        flat,
-        length_struct=dict.fromkeys(_PACKED, seq_len),
-        num_packing_bins=num_bins,
-        shuffle_bins=False,
-        padding_struct={"tokens": tokenizer.pad_id, "targets": tokenizer.pad_id, "positions": 0},
-    )
+    packed = _pack(flat, packing, seq_len=seq_len, num_bins=num_bins, pad_id=tokenizer.pad_id)
     return packed.map(_select_fields)
 
 
@@ -191,6 +191,28 @@ class _Flatten(grain.experimental.FlatMapTransform):
 
     def flat_map(self, element: Sequence[Batch]) -> Sequence[Batch]:
         return element
+
+
+def _pack(
+    pieces: grain.IterDataset, packing: str, *, seq_len: int, num_bins: int, pad_id: int
+) -> grain.IterDataset:
+    """Pack pieces (each <= seq_len) into rows: first-fit / best-fit over `num_bins` open rows
+    (pieces stay whole, some padding), or concat-then-split (no padding; a piece may continue
+    in the next row, its positions continuing)."""
+    lengths = dict.fromkeys(_PACKED, seq_len)
+    if packing == "concat_split":
+        return grain.experimental.ConcatThenSplitIterDataset(pieces, length_struct=lengths)
+    packer = {
+        "first_fit": grain.experimental.FirstFitPackIterDataset,
+        "best_fit": grain.experimental.BestFitPackIterDataset,
+    }[packing]
+    return packer(
+        pieces,
+        length_struct=lengths,
+        num_packing_bins=num_bins,
+        shuffle_bins=False,
+        padding_struct={"tokens": pad_id, "targets": pad_id, "positions": 0},
+    )
 
 
 def _select_fields(row: Batch) -> Batch:
