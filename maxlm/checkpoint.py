@@ -48,20 +48,23 @@ class Checkpointer:
     def due(self, step: int, last_step: int) -> bool:
         return self.every_steps > 0 and (step % self.every_steps == 0 or step == last_step)
 
-    def save(self, step: int, state: TrainState, iterator: Any, tokens_seen: float) -> None:
-        """Start writing step `step` (asynchronously); errors of an earlier save surface here."""
+    def save(self, step: int, state: TrainState, iterator: Any, progress: dict[str, Any]) -> None:
+        """Start writing step `step` (asynchronously); errors of an earlier save surface here.
+        `progress` is small JSON kept beside the state (tokens seen, tokenizer fingerprint)."""
         self._manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(iterator)),
-                progress=ocp.args.JsonSave({"tokens_seen": tokens_seen}),
+                progress=ocp.args.JsonSave(progress),
             ),
         )
 
-    def restore(self, step: int, blueprint: Blueprint, iterator: Any) -> tuple[TrainState, float]:
-        """The state of `step` placed with the blueprint's shardings, and the tokens seen by
-        then; `iterator` is rewound to the batch after that step."""
+    def restore(
+        self, step: int, blueprint: Blueprint, iterator: Any
+    ) -> tuple[TrainState, dict[str, Any]]:
+        """The state of `step` placed with the blueprint's shardings, and its progress JSON;
+        `iterator` is rewound to the batch after that step."""
         target = jax.tree.map(
             lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
             blueprint.abstract,
@@ -76,7 +79,7 @@ class Checkpointer:
             ),
         )
         state: TrainState = restored["state"]
-        return state, float(restored["progress"]["tokens_seen"])
+        return state, dict(restored["progress"])
 
     def close(self) -> None:
         """Wait for pending writes to commit."""

@@ -133,7 +133,14 @@ def train(cfg: Config) -> dict[str, Any]:
     checkpointer = Checkpointer(cfg.checkpoint, run_dir)
     start = checkpointer.latest_step() or 0
     if start:
-        state, tokens_seen = checkpointer.restore(start, blue, train_iter)
+        state, saved = checkpointer.restore(start, blue, train_iter)
+        if saved["tokenizer_fingerprint"] != tokenizer.fingerprint:
+            raise ConfigError(
+                f"data.tokenizer: the checkpoint of step {start} in {checkpointer.directory} was "
+                f"trained with tokenizer {saved['tokenizer_fingerprint'][:12]}, but this run's "
+                f"tokenizer is {tokenizer.fingerprint[:12]}"
+            )
+        tokens_seen = float(saved["tokens_seen"])
         log(f"resumed from the checkpoint of step {start} in {checkpointer.directory}")
     else:
         state, tokens_seen = state_lib.init(cfg, steps.optimizer, blue), 0.0
@@ -171,7 +178,15 @@ def train(cfg: Config) -> dict[str, Any]:
         if record:
             writer.write(step, record)
         if save_due:
-            checkpointer.save(step, state, train_iter, progress.tokens_seen)
+            checkpointer.save(
+                step,
+                state,
+                train_iter,
+                {
+                    "tokens_seen": progress.tokens_seen,
+                    "tokenizer_fingerprint": tokenizer.fingerprint,
+                },
+            )
     checkpointer.close()
     writer.close()
     if not eval_result:  # a finished run restarted: nothing left to train, report where it is

@@ -384,3 +384,13 @@ def test_finished_run_resumes_to_nothing_left(corpus, tmp_path):
     again = train(cfg)
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == records_before
     assert again["steps"] == 3
+
+
+def test_resuming_with_another_tokenizer_is_a_config_error(corpus, tmp_path):
+    """A checkpoint remembers its tokenizer: resuming with a different one stops before training."""
+    run_dir = tmp_path / "run"
+    first = overrides(corpus, run_dir, "train.steps=2", "metrics.tensorboard=false")
+    train(config.load(None, first))
+    other = config.load(None, [*first, f"data.tokenizer.vocab_size={TOKENIZER_VOCAB - 20}"])
+    with pytest.raises(ConfigError, match=r"data\.tokenizer: the checkpoint of step 2 .* trained"):
+        train(other)
