@@ -287,17 +287,23 @@ class TokenizerConfig(Section):
 
 
 class SourceConfig(Section):
-    kind: Literal["text_files", "python_stdlib"] = _field(
+    kind: Literal["text_files", "jsonl", "python_stdlib"] = _field(
         "python_stdlib",
-        "text_files: files matching `paths`; python_stdlib: the running interpreter's .py files.",
+        "text_files: files matching `paths`; jsonl: JSON-lines files matching `paths`, one "
+        "document per record; python_stdlib: the running interpreter's .py files.",
     )
-    paths: list[str] = _field([], "text_files: glob patterns (** allowed).")
-    document_per: Literal["file", "line"] = _field("file", "A document is a whole file or a line.")
+    paths: list[str] = _field([], "text_files / jsonl: glob patterns (** allowed).")
+    document_per: Literal["file", "line"] = _field(
+        "file", "text_files: a document is a whole file or a line."
+    )
+    text_field: str = _field(
+        "text", "jsonl: the record field holding the text (dots reach into nested objects)."
+    )
 
     @model_validator(mode="after")
     def _paths_for_files(self) -> SourceConfig:
-        if self.kind == "text_files" and not self.paths:
-            raise ValueError("paths: source kind 'text_files' needs at least one glob")
+        if self.kind in ("text_files", "jsonl") and not self.paths:
+            raise ValueError(f"paths: source kind {self.kind!r} needs at least one glob")
         return self
 
 

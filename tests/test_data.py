@@ -92,6 +92,36 @@ def test_documents_per_line(tmp_path):
     assert docs.ids == [f"{tmp_path / 'lines.txt'}:{n}" for n in (1, 4, 5)]
 
 
+def test_jsonl_records_with_plain_and_nested_fields(tmp_path):
+    records = [{"text": "héllo", "meta": {"body": "one"}}, {"text": "a\nb", "meta": {"body": "2"}}]
+    path = tmp_path / "part.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n", encoding="utf-8")
+    docs = documents(SourceConfig(kind="jsonl", paths=[str(path)]))
+    assert [docs[i] for i in range(len(docs))] == ["héllo", "a\nb"]
+    assert docs.ids == [f"{path}:1", f"{path}:2"]
+    nested = documents(SourceConfig(kind="jsonl", paths=[str(path)], text_field="meta.body"))
+    assert [nested[i] for i in range(len(nested))] == ["one", "2"]
+    assert nested.subset([1])[0] == "2"  # the field survives the train/eval split
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ('{"text": "ok"', "Expecting"),
+        ('{"body": "no text"}', "no field 'text'"),
+        ('{"text": 7}', "field 'text' is int, not a string"),
+    ],
+)
+def test_bad_jsonl_record_names_file_and_line(tmp_path, line, problem):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(ConfigError, match=r"data\.source\.text_field: record .*bad\.jsonl:2: .*"):
+        documents(SourceConfig(kind="jsonl", paths=[str(path)]))
+    with pytest.raises(ConfigError) as err:
+        documents(SourceConfig(kind="jsonl", paths=[str(path)]))
+    assert problem in str(err.value)
+
+
 def test_glob_matching_nothing_is_a_config_error(tmp_path):
     (tmp_path / "a.txt").write_text("a")
     cfg = SourceConfig(kind="text_files", paths=[str(tmp_path / "a.txt"), str(tmp_path / "*.md")])

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
+import json
 import os
 import sysconfig
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +22,15 @@ _SITE_DIRS = {"site-packages", "dist-packages"}
 @dataclass(frozen=True, eq=False)
 class Documents:
     """Random-access documents (a grain data source): doc i is `nbytes[i]` bytes of
-    `files[file_index[i]]` starting at `offset[i]`, decoded as UTF-8 (bad bytes replaced)."""
+    `files[file_index[i]]` starting at `offset[i]`, decoded as UTF-8 (bad bytes replaced);
+    with a `text_field`, those bytes are a JSON record and the document is that field."""
 
     files: list[str]
     file_index: np.ndarray
     offset: np.ndarray
     nbytes: np.ndarray
     ids: list[str]
+    text_field: str | None = field(default=None)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -34,7 +38,8 @@ class Documents:
     def __getitem__(self, i: int) -> str:
         with open(self.files[self.file_index[i]], "rb") as f:
             f.seek(int(self.offset[i]))
-            return f.read(int(self.nbytes[i])).decode("utf-8", errors="replace")
+            raw = f.read(int(self.nbytes[i])).decode("utf-8", errors="replace")
+        return raw if self.text_field is None else _field_text(json.loads(raw), self.text_field)
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> Documents:
         """The documents at `indices`, in that order."""
@@ -45,6 +50,7 @@ class Documents:
             offset=self.offset[indices],
             nbytes=self.nbytes[indices],
             ids=[self.ids[i] for i in indices],
+            text_field=self.text_field,
         )
 
 
@@ -59,6 +65,8 @@ def documents(cfg: SourceConfig) -> Documents:
         ]
         return _per_file(files, ids=[os.path.relpath(f, root) for f in files])
     files = _glob_all(cfg.paths)
+    if cfg.kind == "jsonl":
+        return _json_lines(files, cfg.text_field)
     if cfg.document_per == "line":
         return _per_line(files)
     return _per_file(files, ids=files)
@@ -106,6 +114,32 @@ def _per_line(files: list[str]) -> Documents:
         nbytes=np.array(nbytes, dtype=np.int64),
         ids=ids,
     )
+
+
+def _json_lines(files: list[str], text_field: str) -> Documents:
+    """One document per JSON record; every record is checked now, so a bad one is an error
+    naming its file and line rather than a crash hours into training."""
+    docs = _per_line(files)
+    lines = dataclasses.replace(docs, text_field=None)
+    for i, doc_id in enumerate(docs.ids):
+        try:
+            _field_text(json.loads(lines[i]), text_field)
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ConfigError(f"data.source.text_field: record {doc_id}: {err}") from None
+    return dataclasses.replace(docs, text_field=text_field)
+
+
+def _field_text(record: object, text_field: str) -> str:
+    value = record
+    for key in text_field.split("."):
+        if not isinstance(value, dict):
+            raise TypeError(f"{text_field!r} does not lead to an object field")
+        if key not in value:
+            raise KeyError(f"no field {text_field!r}")
+        value = value[key]
+    if not isinstance(value, str):
+        raise TypeError(f"field {text_field!r} is {type(value).__name__}, not a string")
+    return value
 
 
 def stable_hash(doc_id: str) -> float:
