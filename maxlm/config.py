@@ -25,6 +25,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import to_jsonable_python
 
 
 class ConfigError(ValueError):
@@ -286,29 +287,148 @@ class TokenizerConfig(Section):
         return self
 
 
-class SourceConfig(Section):
-    kind: Literal["text_files", "jsonl", "python_stdlib"] = _field(
-        "python_stdlib",
-        "text_files: files matching `paths`; jsonl: JSON-lines files matching `paths`, one "
-        "document per record; python_stdlib: the running interpreter's .py files.",
+class CausalObjective(Section):
+    kind: Literal["causal"] = "causal"
+
+
+class FillInTheMiddleObjective(Section):
+    kind: Literal["fim"] = "fim"
+    rate: float = _field(0.5, "Share of documents cut into prefix / middle / suffix.", ge=0, le=1)
+    spm_rate: float = _field(
+        0.5, "Share of those laid out suffix-prefix-middle (SPM); the rest PSM.", ge=0, le=1
     )
-    paths: list[str] = _field([], "text_files / jsonl: glob patterns (** allowed).")
+    prefix_token: str = _field("<fim_prefix>", "Sentinel before the prefix.")
+    middle_token: str = _field("<fim_middle>", "Sentinel before the middle.")
+    suffix_token: str = _field("<fim_suffix>", "Sentinel before the suffix.")
+
+
+class PrefixLMObjective(Section):
+    kind: Literal["prefix_lm"] = "prefix_lm"
+
+
+class SpanCorruptionObjective(Section):
+    kind: Literal["span_corruption"] = "span_corruption"
+    noise_density: float = _field(0.15, "Share of tokens corrupted.", gt=0, lt=1)
+    mean_span_length: float = _field(3.0, "Mean length of a corrupted span.", ge=1)
+    sentinel_format: str = _field(
+        "<extra_id_{}>", "Sentinel token names; {} is the span number (0, 1, ...)."
+    )
+    num_sentinels: int = _field(100, "Sentinel tokens available (spans per example).", gt=0)
+
+
+class DenoiserConfig(Section):
+    mode: Literal["R", "S", "X"] = _field(
+        "R", "R: short spans, low corruption; S: sequential (prefix LM); X: extreme."
+    )
+    rate: float = _field(1.0, "Relative sampling rate of this denoiser.", gt=0)
+    noise_density: float = _field(0.15, "R / X: share of tokens corrupted.", gt=0, lt=1)
+    mean_span_length: float = _field(3.0, "R / X: mean corrupted span length.", ge=1)
+
+
+# UL2 (Tay et al. 2022): two R, one S and four X denoisers; S gets 20 %, the others share 80 %.
+UL2_DENOISERS = [
+    {"mode": "R", "rate": 0.8 / 6, "noise_density": 0.15, "mean_span_length": 3.0},
+    {"mode": "R", "rate": 0.8 / 6, "noise_density": 0.15, "mean_span_length": 8.0},
+    {"mode": "S", "rate": 0.2},
+    {"mode": "X", "rate": 0.8 / 6, "noise_density": 0.5, "mean_span_length": 3.0},
+    {"mode": "X", "rate": 0.8 / 6, "noise_density": 0.5, "mean_span_length": 8.0},
+    {"mode": "X", "rate": 0.8 / 6, "noise_density": 0.15, "mean_span_length": 64.0},
+    {"mode": "X", "rate": 0.8 / 6, "noise_density": 0.5, "mean_span_length": 64.0},
+]
+
+
+class UL2Objective(Section):
+    kind: Literal["ul2"] = "ul2"
+    denoisers: list[DenoiserConfig] = _field(
+        [DenoiserConfig(**d) for d in UL2_DENOISERS],  # type: ignore[arg-type]
+        "The mixture of denoisers (default: the UL2 paper's seven).",
+        min_length=1,
+    )
+    mode_tokens: dict[str, str] = _field(
+        {"R": "[R]", "S": "[S]", "X": "[X]"}, "Token prefixed to each example of a mode."
+    )
+    sentinel_format: str = _field(
+        "<extra_id_{}>", "Sentinel token names; {} is the span number (0, 1, ...)."
+    )
+    num_sentinels: int = _field(100, "Sentinel tokens available (spans per example).", gt=0)
+
+    @model_validator(mode="after")
+    def _modes_named(self) -> UL2Objective:
+        for mode in ("R", "S", "X"):
+            if mode not in self.mode_tokens:
+                raise ValueError(f"mode_tokens: no token for mode {mode!r}")
+        return self
+
+
+ObjectiveKind = Annotated[
+    CausalObjective
+    | FillInTheMiddleObjective
+    | PrefixLMObjective
+    | SpanCorruptionObjective
+    | UL2Objective,
+    Field(discriminator="kind"),
+]
+
+
+class SourceConfig(Section):
+    kind: Literal[
+        "text_files", "jsonl", "parquet", "array_record", "hf_dataset", "seqio", "python_stdlib"
+    ] = _field(
+        "python_stdlib",
+        "text_files: files matching `paths`; jsonl / parquet: one document per record; "
+        "array_record: token-id shards from `python -m maxlm.data.prepare`; hf_dataset: a "
+        "Hugging Face dataset saved with save_to_disk; seqio: a registered Task or Mixture; "
+        "python_stdlib: the running interpreter's .py files.",
+    )
+    paths: list[str] = _field(
+        [], "Glob patterns (** allowed); hf_dataset: the save_to_disk directory."
+    )
     document_per: Literal["file", "line"] = _field(
         "file", "text_files: a document is a whole file or a line."
     )
     text_field: str = _field(
-        "text", "jsonl: the record field holding the text (dots reach into nested objects)."
+        "text",
+        "jsonl / parquet / hf_dataset / seqio: the field holding the text (jsonl: dots reach "
+        "into nested objects).",
     )
+    split: str = _field("train", "hf_dataset (a DatasetDict) / seqio: the split to read.")
+    seqio_name: str | None = _field(None, "seqio: the Task or Mixture name.")
+    seqio_modules: list[str] = _field([], "seqio: modules to import that register it.")
+    weight: float = _field(1.0, "Mixture weight (share of rows) among data.sources.", gt=0)
+    objective: ObjectiveKind = _field(CausalObjective(), "Pretraining objective, chosen by kind.")
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _default_kind(cls, objective: Any) -> Any:
+        if isinstance(objective, dict) and "kind" not in objective:
+            return {"kind": CausalObjective().kind, **objective}
+        return objective
 
     @model_validator(mode="after")
     def _paths_for_files(self) -> SourceConfig:
-        if self.kind in ("text_files", "jsonl") and not self.paths:
-            raise ValueError(f"paths: source kind {self.kind!r} needs at least one glob")
+        if self.kind not in ("python_stdlib", "seqio") and not self.paths:
+            raise ValueError(f"paths: source kind {self.kind!r} needs at least one path")
+        if self.kind == "seqio" and not self.seqio_name:
+            raise ValueError("seqio_name: source kind 'seqio' needs a Task or Mixture name")
         return self
 
 
+class MixtureStage(Section):
+    start_step: int = _field(0, "First step (1-based) that draws with these weights.", ge=0)
+    weights: dict[str, float] = _field({}, "Source name -> weight from start_step on.")
+
+
 class DataConfig(Section):
-    source: SourceConfig = _field(SourceConfig(), "Where the documents come from.")
+    sources: dict[str, SourceConfig] = _field(
+        {"stdlib": SourceConfig()},
+        "Named sources (the names appear in metrics), mixed by their weights.",
+        min_length=1,
+    )
+    mixture_stages: list[MixtureStage] = _field(
+        [],
+        "Optional weights per training stage, by start step (the first must start at 0 or 1); "
+        "sources a stage leaves out get weight 0.",
+    )
     tokenizer: TokenizerConfig = _field(TokenizerConfig(), "How text becomes token ids.")
     eval_fraction: float = _field(
         0.02, "Share of documents held out for evaluation (chosen by a hash of the id).", ge=0, lt=1
@@ -326,6 +446,103 @@ class DataConfig(Section):
     )
     add_bos: bool = _field(True, "Prepend BOS to every document.")
     add_eos: bool = _field(True, "Append EOS to every document.")
+    num_workers: int = _field(
+        0, "Worker processes preparing batches (grain mp_prefetch; 0: in the trainer).", ge=0
+    )
+
+    @model_validator(mode="after")
+    def _stages_name_sources(self) -> DataConfig:
+        starts = [stage.start_step for stage in self.mixture_stages]
+        if starts and (starts[0] > 1 or starts != sorted(set(starts))):
+            raise ValueError(
+                f"mixture_stages: start steps {starts} must increase and begin at 0 or 1"
+            )
+        for k, stage in enumerate(self.mixture_stages):
+            for name in stage.weights:
+                if name not in self.sources:
+                    close = difflib.get_close_matches(name, list(self.sources), n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    raise ValueError(f"mixture_stages.{k}.weights.{name}: no such source{hint}")
+            if sum(stage.weights.values()) <= 0:
+                raise ValueError(f"mixture_stages.{k}.weights: need a positive total weight")
+        return self
+
+    @property
+    def needs_prefix(self) -> bool:
+        """Whether any source's objective makes bidirectional prefixes and loss masks."""
+        return any(
+            s.objective.kind in ("prefix_lm", "span_corruption", "ul2")
+            for s in self.sources.values()
+        )
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+class CleaningConfig(Section):
+    normalization: Literal["NFC", "NFKC", "none"] = _field(
+        "NFC", "Unicode normalization form applied to every document."
+    )
+    strip_control_chars: bool = _field(
+        True, "Remove control characters other than newline and tab."
+    )
+    min_chars: int = _field(1, "Drop documents shorter than this after cleaning.", ge=0)
+    max_chars: int = _field(
+        1_000_000, "Split documents longer than this (at line breaks where possible).", gt=0
+    )
+    boilerplate_min_documents: int = _field(
+        0,
+        "Remove lines (>= 10 characters) found verbatim in at least this many documents, "
+        "e.g. ads and navigation (0: off).",
+        ge=0,
+    )
+
+
+class QualityConfig(Section):
+    enabled: bool = _field(False, "Apply the Gopher / RefinedWeb quality filters below.")
+    min_words: int = _field(50, "Fewest words a document may have.", ge=0)
+    max_words: int = _field(100_000, "Most words a document may have.", gt=0)
+    min_mean_word_length: float = _field(3.0, "Smallest mean word length (characters).", ge=0)
+    max_mean_word_length: float = _field(10.0, "Largest mean word length (characters).", gt=0)
+    max_symbol_word_ratio: float = _field(
+        0.1, "Most '#' and '...' per word (hash and ellipsis symbols).", ge=0
+    )
+    max_bullet_lines: float = _field(0.9, "Most share of lines starting with a bullet.", ge=0)
+    max_ellipsis_lines: float = _field(0.3, "Most share of lines ending in an ellipsis.", ge=0)
+    min_alpha_words: float = _field(
+        0.8, "Least share of words containing an alphabetic character.", ge=0, le=1
+    )
+    max_duplicate_lines: float = _field(0.3, "Most share of lines that repeat another.", ge=0)
+    max_duplicate_line_chars: float = _field(
+        0.2, "Most share of characters in repeated lines.", ge=0
+    )
+    max_top_ngram_chars: dict[int, float] = _field(
+        {2: 0.2, 3: 0.18, 4: 0.16},
+        "n -> most share of characters covered by the most frequent word n-gram.",
+    )
+    max_duplicate_ngram_chars: dict[int, float] = _field(
+        {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
+        "n -> most share of characters in word n-grams that occur more than once.",
+    )
+
+
+class DedupConfig(Section):
+    exact: bool = _field(True, "Drop documents whose normalized text was seen before.")
+    near: bool = _field(True, "Drop near duplicates found by MinHash LSH (datasketch).")
+    threshold: float = _field(0.8, "Estimated Jaccard similarity that counts as near.", gt=0, le=1)
+    num_perm: int = _field(128, "MinHash permutations.", gt=0)
+    shingle_words: int = _field(5, "Words per shingle (MinHash set element).", gt=0)
+
+
+class PrepareConfig(Section):
+    output_dir: str = _field(
+        "data/prepared", "Where `python -m maxlm.data.prepare` writes <source name>/ shards."
+    )
+    num_workers: int = _field(2, "Processes that clean and tokenize.", gt=0)
+    documents_per_shard: int = _field(50_000, "Documents per ArrayRecord shard.", gt=0)
+    cleaning: CleaningConfig = _field(CleaningConfig(), "Normalization and length limits.")
+    quality: QualityConfig = _field(QualityConfig(), "Heuristic quality filters.")
+    dedup: DedupConfig = _field(DedupConfig(), "Exact and near-duplicate removal.")
 
 
 # --------------------------------------------------------------------------- train / eval / log
@@ -373,6 +590,7 @@ class Config(Section):
     train: TrainConfig = _field(TrainConfig(), "Steps, batch and sequence shape.")
     eval: EvalConfig = _field(EvalConfig(), "Periodic held-out evaluation.")
     checkpoint: CheckpointConfig = _field(CheckpointConfig(), "Saving and resuming.")
+    prepare: PrepareConfig = _field(PrepareConfig(), "Offline cleaning, dedup and tokenization.")
     metrics: MetricsConfig = _field(MetricsConfig(), "Logging.")
 
     @model_validator(mode="after")
@@ -498,18 +716,36 @@ def _submodels(annotation: Any) -> tuple[type[BaseModel] | None, list[type[BaseM
     """The section class of a field, or the members of its tagged union."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation, []
+    if _container_item(annotation) is not None:
+        return None, []
     if getattr(annotation, "__metadata__", None):
         annotation = annotation.__origin__
     members = [a for a in getattr(annotation, "__args__", ()) if isinstance(a, type)]
     return None, [m for m in members if issubclass(m, BaseModel) and "kind" in m.model_fields]
 
 
+def _container_item(annotation: Any) -> Any:
+    """The value type of a dict[str, X] or list[X] annotation, else None."""
+    origin = getattr(annotation, "__origin__", None)
+    args: tuple[Any, ...] = getattr(annotation, "__args__", ())
+    if origin in (dict, list):
+        return args[-1]
+    return None
+
+
 def _walk(loc: Sequence[Any]) -> tuple[type[BaseModel] | None, list[str], str | None]:
-    """Follow a pydantic error location through the schema, skipping union tags."""
+    """Follow a pydantic error location through the schema, skipping union tags and
+    descending into dict / list items (their key or index joins the path)."""
     model: type[BaseModel] | None = Config
     members: list[type[BaseModel]] = []
+    item: Any = None
     path: list[str] = []
     for part in loc:
+        if item is not None:
+            path.append(str(part))
+            model, members = _submodels(item)
+            item = None
+            continue
         if not isinstance(part, str):
             break
         tagged = [m for m in members if m.model_fields["kind"].default == part]
@@ -519,7 +755,9 @@ def _walk(loc: Sequence[Any]) -> tuple[type[BaseModel] | None, list[str], str | 
         if model is None or part not in model.model_fields:
             return model, path, part
         path.append(part)
-        model, members = _submodels(model.model_fields[part].annotation)
+        annotation = model.model_fields[part].annotation
+        item = _container_item(annotation)
+        model, members = _submodels(annotation)
     return model, path, None
 
 
@@ -583,10 +821,12 @@ def _type_name(annotation: Any) -> str:
     if getattr(annotation, "__origin__", None) is Literal:
         return " \\| ".join(repr(a) for a in annotation.__args__)
     text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
-    return (text or str(annotation)).replace("typing.", "").replace("|", "\\|")
+    text = re.sub(r"\b(?:[a-z_]\w*\.)+(?=[A-Z])", "", text or str(annotation))  # module paths
+    return text.replace("|", "\\|")
 
 
 def _default_text(value: Any) -> str:
+    value = to_jsonable_python(value)
     text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6)
     return text.strip().removesuffix("...").strip()
 
@@ -596,6 +836,7 @@ def _section_markdown(
 ) -> None:
     scalars = []
     nested = []
+    items = []  # (key, description, model) of models inside dicts / lists
     for name, field in model.model_fields.items():
         section, members = _submodels(field.annotation)
         if section is not None:
@@ -604,6 +845,10 @@ def _section_markdown(
             nested.append((name, field, members))
         elif not (title and name == "kind"):
             scalars.append((name, field))
+        item, _ = _submodels(_container_item(field.annotation))
+        if item is not None:
+            placeholder = "<name>" if field.annotation.__origin__ is dict else "<i>"  # type: ignore[union-attr]
+            items.append((f"{name}.{placeholder}", item))
     if scalars:
         heading = title or f"`{prefix.rstrip('.')}`"
         lines += [f"## {heading}", ""]
@@ -613,6 +858,8 @@ def _section_markdown(
             kind = _type_name(field.annotation)
             lines.append(f"| `{prefix}{name}` | {kind} | `{default}` | {field.description} |")
         lines.append("")
+    for key, item in items:
+        _section_markdown(item, f"{prefix}{key}.", lines)
     for name, field, members in nested:
         if len(members) == 1:
             _section_markdown(members[0], f"{prefix}{name}.", lines)

@@ -17,9 +17,17 @@ class LossSums(NamedTuple):
     tokens: jax.Array
 
 
-def loss_sums(logits: jax.Array, targets: jax.Array, segment_ids: jax.Array) -> LossSums:
-    """Cross-entropy and (log Z)^2 summed over real target tokens (segment id 0 is padding)."""
+def loss_sums(
+    logits: jax.Array,
+    targets: jax.Array,
+    segment_ids: jax.Array,
+    loss_mask: jax.Array | None = None,
+) -> LossSums:
+    """Cross-entropy and (log Z)^2 summed over real target tokens (segment id 0 is padding)
+    that `loss_mask` selects (all when None; prefix-LM objectives leave out the prefix)."""
     real = segment_ids != 0
+    if loss_mask is not None:
+        real &= loss_mask != 0
     # select rather than multiply: padding must not leak NaN/inf into the sums or the gradients
     logits = jnp.where(real[..., None], logits.astype(jnp.float32), 0.0)
     targets = jnp.where(real, targets, 0)

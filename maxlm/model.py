@@ -198,15 +198,18 @@ class Attention(nnx.Module):
         self.implementation = implementation
         self.constrain = constrain
 
-    def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, sin: jax.Array, cos: jax.Array, mask: jax.Array, is_causal: bool
+    ) -> jax.Array:
         q = self.constrain(apply_rope(self.q_proj("BTD,DNH->BTNH", x), sin, cos), Q_HEADS)
         k = self.constrain(apply_rope(self.k_proj("BSD,DKH->BSKH", x), sin, cos), KV_HEADS)
         v = self.constrain(self.v_proj("BSD,DKH->BSKH", x), KV_HEADS)
         # GQA natively (q heads grouped G per kv head). The xla path computes QK^T with float32
         # output and softmax in float32 even for bf16 inputs; probabilities are then cast back.
-        # is_causal (not folded into the mask) lets cuDNN skip the upper triangle.
+        # is_causal (not folded into the mask) lets cuDNN skip the upper triangle; prefix-LM
+        # masks already hold causality outside the prefix.
         out = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=True, implementation=self.implementation
+            q, k, v, mask=mask, is_causal=is_causal, implementation=self.implementation
         )
         return self.o_proj("BTNH,NHD->BTD", out)
 
@@ -269,11 +272,17 @@ class DecoderLayer(nnx.Module):
         self.constrain = constrain
 
     def __call__(
-        self, x: jax.Array, sin: jax.Array, cos: jax.Array, mask: jax.Array, key: jax.Array | None
+        self,
+        x: jax.Array,
+        sin: jax.Array,
+        cos: jax.Array,
+        mask: jax.Array,
+        key: jax.Array | None,
+        is_causal: bool = True,
     ) -> jax.Array:
         """`key` is this layer's dropout key, or None for no dropout."""
         attn_key, mlp_key = (None, None) if key is None else jax.random.split(key)
-        h = self.self_attn(self.input_layernorm(x), sin, cos, mask)
+        h = self.self_attn(self.input_layernorm(x), sin, cos, mask, is_causal)
         x = self.constrain(x + _dropout(h, self.dropout, attn_key), HIDDEN)
         h = self.mlp(self.post_attention_layernorm(x))
         return self.constrain(x + _dropout(h, self.dropout, mlp_key), HIDDEN)
@@ -332,21 +341,28 @@ class Llama(nnx.Module):
         segment_ids: jax.Array,
         positions: jax.Array,
         *,
+        prefix: jax.Array | None = None,
         deterministic: bool = True,
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
-        """Logits; dropout (rate > 0, not deterministic) needs `dropout_rng`."""
+        """Logits; dropout (rate > 0, not deterministic) needs `dropout_rng`. `prefix` (nonzero
+        [B,T]) marks tokens of a bidirectional prefix (prefix LM): they see each other."""
         x = self.constrain(self.embed_tokens(tokens), HIDDEN)
         sin, cos = rope_sin_cos(positions, jnp.asarray(self.inv_freq, jnp.float32))
         # (B,1,T,S); causality is added by attention. Padding (segment 0) still sees itself,
         # so no softmax row is empty.
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        if prefix is not None:
+            seq = jnp.arange(tokens.shape[1])
+            in_prefix = prefix != 0
+            causal = seq[:, None] >= seq[None, :]
+            mask &= (causal | (in_prefix[:, :, None] & in_prefix[:, None, :]))[:, None]
         keys = None  # one dropout key per layer; None compiles to no dropout at all
         if self.dropout > 0 and not deterministic:
             if dropout_rng is None:
                 raise ValueError("dropout > 0 with deterministic=False needs a dropout_rng key")
             keys = jax.random.split(dropout_rng, self.num_layers)
-        x = self.norm(self._decoder_layers(x, sin, cos, mask, keys))
+        x = self.norm(self._decoder_layers(x, sin, cos, mask, keys, prefix is None))
         if self.lm_head is None:
             logits = self.embed_tokens.attend(x)
         else:
@@ -354,13 +370,19 @@ class Llama(nnx.Module):
         return self.constrain(logits, LOGITS)
 
     def _decoder_layers(
-        self, x: jax.Array, sin: jax.Array, cos: jax.Array, mask: jax.Array, keys: jax.Array | None
+        self,
+        x: jax.Array,
+        sin: jax.Array,
+        cos: jax.Array,
+        mask: jax.Array,
+        keys: jax.Array | None,
+        is_causal: bool,
     ) -> jax.Array:
         """Run the stacked layers under lax.scan or unrolled; the parameters are the same."""
         graphdef, state = nnx.split(self.layers)
 
         def layer(x: jax.Array, layer_state: nnx.State, key: jax.Array | None) -> jax.Array:
-            return nnx.merge(graphdef, layer_state)(x, sin, cos, mask, key)
+            return nnx.merge(graphdef, layer_state)(x, sin, cos, mask, key, is_causal)
 
         if self.remat != "none":
             # CSE prevention is only needed outside scan; inside it just blocks optimizations

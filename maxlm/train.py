@@ -21,7 +21,7 @@ from maxlm import (
 )
 from maxlm.checkpoint import Checkpointer
 from maxlm.config import Config, ConfigError
-from maxlm.data import global_batch, pipeline, sources, tokenizer as tokenizer_lib
+from maxlm.data import global_batch, mixture, pipeline
 from maxlm.metrics import MetricsWriter, Throughput, format_duration, format_progress
 from maxlm.model import compute_dtype
 
@@ -50,15 +50,30 @@ def check_batch(cfg: Config, data_parallel: int) -> None:
         )
 
 
-def evaluate(eval_step: Any, params: Any, batches: list[dict[str, jax.Array]]) -> dict[str, float]:
-    """Held-out loss (nats per token) and perplexity over fixed batches."""
-    loss_sum, tokens = 0.0, 0.0
-    for batch in batches:
-        sums = jax.device_get(eval_step(params, batch))
-        loss_sum += float(sums.cross_entropy)
-        tokens += float(sums.tokens)
-    loss = loss_sum / max(tokens, 1.0)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+def evaluate(
+    eval_step: Any, params: Any, batches: dict[str, list[dict[str, jax.Array]]]
+) -> dict[str, float]:
+    """Held-out loss (nats per token) and perplexity over fixed batches of every source, and
+    per source (`eval_loss/<name>`) when there are several."""
+    result: dict[str, float] = {}
+    loss_total, tokens_total = 0.0, 0.0
+    for name, source_batches in batches.items():
+        loss_sum, tokens = 0.0, 0.0
+        for batch in source_batches:
+            sums = jax.device_get(eval_step(params, batch))
+            loss_sum += float(sums.cross_entropy)
+            tokens += float(sums.tokens)
+        if len(batches) > 1:
+            result[f"eval_loss/{name}"] = loss_sum / max(tokens, 1.0)
+        loss_total += loss_sum
+        tokens_total += tokens
+    loss = loss_total / max(tokens_total, 1.0)
+    return {
+        "eval_loss": loss,
+        "eval_perplexity": math.exp(min(loss, 50.0)),
+        "eval_tokens": tokens_total,
+        **result,
+    }
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -78,18 +93,14 @@ def train(cfg: Config) -> dict[str, Any]:
         f"{jax.process_count()} process(es)"
     )
 
-    docs = sources.documents(cfg.data.source)
-    train_docs, eval_docs = sources.split(docs, cfg.data.eval_fraction)
-    tokenizer = tokenizer_lib.load_tokenizer(cfg.data.tokenizer, train_docs)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
-            f"{tokenizer.vocab_size} tokens"
+    data = mixture.load(cfg)
+    tokenizer = data.tokenizer
+    for train_source, held_out in zip(data.train, data.held_out, strict=True):
+        log(
+            f"data: source {train_source.name!r}: {len(train_source.docs)} train / "
+            f"{len(held_out.docs)} held-out documents"
         )
-    log(
-        f"data: {len(train_docs)} train / {len(eval_docs)} held-out documents, "
-        f"tokenizer {tokenizer.vocab_size} tokens ({tokenizer.fingerprint[:12]})"
-    )
+    log(f"tokenizer: {tokenizer.vocab_size} tokens ({tokenizer.fingerprint[:12]})")
 
     steps = train_step.build(cfg, mesh)
     blue, batch_sharding = steps.blueprint, steps.batch_sharding
@@ -111,24 +122,41 @@ def train(cfg: Config) -> dict[str, Any]:
     )
     log(f"compiled train step in {steps.compile_s:.1f} s{detail}")
 
-    packing = {
-        "tokenizer": tokenizer,
-        "seq_len": cfg.train.seq_len,
-        "batch_size": cfg.train.global_batch_size // jax.process_count(),
-        "add_bos": cfg.data.add_bos,
-        "add_eos": cfg.data.add_eos,
-        "shuffle_window": cfg.data.shuffle_window,
-        "packing": cfg.data.packing,
-        "process_index": jax.process_index(),
-        "process_count": jax.process_count(),
-    }
-    train_iter = iter(pipeline.train_dataset(train_docs, seed=cfg.run.seed, **packing))
-    eval_batches = [
-        global_batch.to_global(batch, batch_sharding)
-        for batch in pipeline.eval_batches(
-            eval_docs, num_batches=cfg.eval.batches, seed=HELD_OUT_SAMPLE_SEED, **packing
+    layout = pipeline.Layout(
+        tokenizer=tokenizer,
+        seq_len=cfg.train.seq_len,
+        add_bos=cfg.data.add_bos,
+        add_eos=cfg.data.add_eos,
+        shuffle_window=cfg.data.shuffle_window,
+        packing=cfg.data.packing,
+        prefix_fields=cfg.data.needs_prefix,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    local_batch = cfg.train.global_batch_size // jax.process_count()
+    train_iter = iter(
+        pipeline.train_dataset(
+            data.train,
+            layout,
+            batch_size=local_batch,
+            seed=cfg.run.seed,
+            stages=mixture.stages(cfg.data, local_batch),
+            num_workers=cfg.data.num_workers,
         )
-    ]
+    )
+    eval_batches = {
+        source.name: [
+            global_batch.to_global(batch, batch_sharding)
+            for batch in pipeline.eval_batches(
+                source,
+                layout,
+                batch_size=local_batch,
+                num_batches=cfg.eval.batches,
+                seed=HELD_OUT_SAMPLE_SEED,
+            )
+        ]
+        for source in data.held_out
+    }
 
     checkpointer = Checkpointer(cfg.checkpoint, run_dir)
     start = checkpointer.latest_step() or 0
@@ -141,15 +169,19 @@ def train(cfg: Config) -> dict[str, Any]:
                 f"tokenizer is {tokenizer.fingerprint[:12]}"
             )
         tokens_seen = float(saved["tokens_seen"])
+        source_tokens = dict(saved.get("source_tokens", {}))
         log(f"resumed from the checkpoint of step {start} in {checkpointer.directory}")
     else:
         state, tokens_seen = state_lib.init(cfg, steps.optimizer, blue), 0.0
+        source_tokens = {}
 
     peak, peak_source = estimate.peak_flops(jax.devices(), compute_dtype(cfg.model.dtype).name)
     flops_per_token = estimate.flops_per_token(cfg.model, cfg.train.seq_len)
     log(f"MFU is against the {peak_source}; {flops_per_token / 1e6:.1f} MFLOP per token")
     writer = MetricsWriter(run_dir, cfg.metrics.tensorboard, resume_step=start)
-    progress = Progress(cfg, writer, Throughput(flops_per_token, peak), start, tokens_seen)
+    progress = Progress(
+        cfg, writer, Throughput(flops_per_token, peak), start, tokens_seen, source_tokens
+    )
     eval_result: dict[str, float] = {}
 
     pending = None
@@ -184,6 +216,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 train_iter,
                 {
                     "tokens_seen": progress.tokens_seen,
+                    "source_tokens": progress.source_tokens,
                     "tokenizer_fingerprint": tokenizer.fingerprint,
                 },
             )
@@ -196,9 +229,10 @@ def train(cfg: Config) -> dict[str, Any]:
         "steps": cfg.train.steps,
         "parameters": n_params,
         "tokens_seen": progress.tokens_seen,
+        **({"source_tokens": progress.source_tokens} if len(data.names) > 1 else {}),
         "final_train_loss": progress.last_loss,
         **eval_result,
-        "unigram_entropy": pipeline.unigram_entropy(eval_docs, tokenizer),
+        "unigram_entropy": pipeline.unigram_entropy(data.held_out[0].docs, tokenizer),
         "compile_s": steps.compile_s,
         "train_s": progress.elapsed(),
         "wall_s": time.perf_counter() - wall_start,
@@ -224,12 +258,14 @@ class Progress:
         throughput: Throughput,
         start_step: int = 0,
         tokens_seen: float = 0.0,
+        source_tokens: dict[str, float] | None = None,
     ) -> None:
         self.cfg = cfg
         self.writer = writer
         self.throughput = throughput
         self.start_step = start_step
         self.tokens_seen = tokens_seen
+        self.source_tokens = {name: 0.0 for name in cfg.data.sources} | (source_tokens or {})
         self.last_loss: float | None = None
         self._window_losses: list[float] = []
         self._window_tokens = 0.0
@@ -245,7 +281,12 @@ class Progress:
 
     def collect(self, step: int, metrics: Any) -> dict[str, float] | None:
         """Account for one step; at logging steps print a progress line and return the record."""
-        values = {key: float(value) for key, value in jax.device_get(metrics).items()}
+        values = jax.device_get(metrics)
+        by_source = values.pop("source_tokens", None)
+        values = {key: float(value) for key, value in values.items()}
+        if by_source is not None:
+            for name, count in zip(self.source_tokens, by_source, strict=True):
+                self.source_tokens[name] += float(count)
         for key in ("loss", "grad_norm"):
             if not math.isfinite(values[key]):
                 raise FloatingPointError(f"{key} is {values[key]} at step {step}")
@@ -264,6 +305,8 @@ class Progress:
             "tokens_seen": self.tokens_seen,
             **self.throughput.report(),
         }
+        if by_source is not None:
+            record.update({f"tokens_seen/{n}": t for n, t in self.source_tokens.items()})
         self._window_losses = []
         self._window_tokens = 0.0
         eta = self.elapsed() / (step - self.start_step) * (self.cfg.train.steps - step)

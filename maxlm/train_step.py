@@ -21,6 +21,14 @@ from maxlm.state import TrainState
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions")
+PREFIX_KEYS = ("loss_mask", "prefix")  # prefix-LM objectives: loss mask, bidirectional prefix
+SOURCE_KEY = "source"  # mixtures: each row's source index, for tokens seen per source
+
+
+def batch_keys(cfg: Config) -> tuple[str, ...]:
+    """The fields of a training batch under `cfg` (eval batches have no source field)."""
+    keys = BATCH_KEYS + (PREFIX_KEYS if cfg.data.needs_prefix else ())
+    return keys + ((SOURCE_KEY,) if len(cfg.data.sources) > 1 else ())
 
 
 def _forward(
@@ -31,10 +39,11 @@ def _forward(
         batch["tokens"],
         batch["segment_ids"],
         batch["positions"],
+        prefix=batch.get("prefix"),
         deterministic=dropout_rng is None,
         dropout_rng=dropout_rng,
     )
-    return loss_sums(logits, batch["targets"], batch["segment_ids"])
+    return loss_sums(logits, batch["targets"], batch["segment_ids"], batch.get("loss_mask"))
 
 
 def _micro_batches(batch: Batch, count: int) -> Batch:
@@ -53,6 +62,8 @@ def make_train_step(
     *,
     state_shardings: TrainState,
     batch_sharding: NamedSharding,
+    keys: tuple[str, ...] = BATCH_KEYS,
+    num_sources: int = 1,
     grad_accum_steps: int = 1,
     z_loss_weight: float = 0.0,
     dropout_seed: int | None = None,
@@ -61,6 +72,8 @@ def make_train_step(
 
     Gradients are of the summed loss, divided once by the batch's real-token count, so
     accumulation over micro-batches equals one big batch up to float summation order.
+    Metrics count `tokens` read (non-padding) and `loss_tokens` scored; with a `source`
+    field, `source_tokens` [num_sources] splits the tokens read by source.
     """
 
     def sum_objective(
@@ -89,11 +102,18 @@ def make_train_step(
             "grad_norm": optax.tree.norm(grads),
             "param_norm": optax.tree.norm(params),
             "lr": jnp.asarray(schedule(state.step), jnp.float32),
-            "tokens": sums.tokens,
+            "tokens": jnp.sum(batch["segment_ids"] != 0, dtype=jnp.float32),
+            "loss_tokens": sums.tokens,
         }
+        if SOURCE_KEY in batch:
+            metrics["source_tokens"] = jax.ops.segment_sum(
+                (batch["segment_ids"] != 0).astype(jnp.float32).ravel(),
+                batch[SOURCE_KEY].ravel(),
+                num_segments=num_sources,
+            )
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    batch_shardings = {key: batch_sharding for key in BATCH_KEYS}
+    batch_shardings = dict.fromkeys(keys, batch_sharding)
     return jax.jit(
         step,
         in_shardings=(state_shardings, batch_shardings),
@@ -131,14 +151,18 @@ def _accumulate(
 
 
 def make_eval_step(
-    graphdef: nnx.GraphDef, *, params_shardings: Any, batch_sharding: NamedSharding
+    graphdef: nnx.GraphDef,
+    *,
+    params_shardings: Any,
+    batch_sharding: NamedSharding,
+    keys: tuple[str, ...] = BATCH_KEYS,
 ) -> jax.stages.Wrapped:
     """jit(params, batch) -> summed held-out loss and token count."""
 
     def evaluate(params: Any, batch: Batch) -> LossSums:
         return _forward(graphdef, params, batch, None)
 
-    batch_shardings = {key: batch_sharding for key in BATCH_KEYS}
+    batch_shardings = dict.fromkeys(keys, batch_sharding)
     return jax.jit(evaluate, in_shardings=(params_shardings, batch_shardings))
 
 
@@ -158,12 +182,15 @@ def build(cfg: Config, mesh: Mesh) -> Steps:
     optimizer, schedule = optim.build(cfg)
     blue = state_lib.blueprint(cfg, optimizer, mesh)
     batch_sharding = sharding.batch_sharding(mesh, cfg.mesh.rules)
+    keys = batch_keys(cfg)
     train = make_train_step(
         blue.graphdef,
         optimizer,
         schedule,
         state_shardings=blue.shardings,
         batch_sharding=batch_sharding,
+        keys=keys,
+        num_sources=len(cfg.data.sources),
         grad_accum_steps=cfg.train.grad_accum_steps,
         z_loss_weight=cfg.train.z_loss,
         dropout_seed=cfg.run.seed + 1 if cfg.model.dropout > 0 else None,
@@ -172,9 +199,12 @@ def build(cfg: Config, mesh: Mesh) -> Steps:
         (cfg.train.global_batch_size, cfg.train.seq_len), np.int32, sharding=batch_sharding
     )
     start = time.perf_counter()
-    compiled = train.lower(blue.abstract, dict.fromkeys(BATCH_KEYS, batch)).compile()
+    compiled = train.lower(blue.abstract, dict.fromkeys(keys, batch)).compile()
     compile_s = time.perf_counter() - start
     evaluate = make_eval_step(
-        blue.graphdef, params_shardings=blue.shardings.params, batch_sharding=batch_sharding
+        blue.graphdef,
+        params_shardings=blue.shardings.params,
+        batch_sharding=batch_sharding,
+        keys=tuple(k for k in keys if k != SOURCE_KEY),
     )
     return Steps(blue, optimizer, batch_sharding, compiled, evaluate, compile_s)

@@ -12,8 +12,11 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from maxlm.config import ConfigError, SourceConfig, TokenizerConfig
+from maxlm.data import objectives
 from maxlm.data.global_batch import to_global
 from maxlm.data.pipeline import (
+    Layout,
+    Source,
     document_stream,
     eval_batches,
     packed_rows,
@@ -63,9 +66,16 @@ def target_counts(rows):
     return counts
 
 
-def rows_of(docs, tok, **kwargs):
-    kwargs = {"seq_len": SEQ_LEN, "num_bins": 4, "shuffle_seed": 0, "num_epochs": 1} | kwargs
-    return list(packed_rows(docs, tok, add_bos=True, add_eos=True, **kwargs))
+def layout(tok, **kwargs):
+    return Layout(tokenizer=tok, seq_len=SEQ_LEN, add_bos=True, add_eos=True, **kwargs)
+
+
+def rows_of(docs, tok, num_bins=4, shuffle_seed=0, num_epochs=1, **layout_kwargs):
+    rows = packed_rows(
+        docs, layout(tok, **layout_kwargs), num_bins=num_bins, shuffle_seed=shuffle_seed,
+        num_epochs=num_epochs,
+    )  # fmt: skip
+    return list(rows)
 
 
 # --------------------------------------------------------------------------- sources
@@ -115,7 +125,7 @@ def test_jsonl_records_with_plain_and_nested_fields(tmp_path):
 def test_bad_jsonl_record_names_file_and_line(tmp_path, line, problem):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n' + line + "\n")
-    with pytest.raises(ConfigError, match=r"data\.source\.text_field: record .*bad\.jsonl:2: .*"):
+    with pytest.raises(ConfigError, match=r"data\.sources\.text_field: record .*bad\.jsonl:2: .*"):
         documents(SourceConfig(kind="jsonl", paths=[str(path)]))
     with pytest.raises(ConfigError) as err:
         documents(SourceConfig(kind="jsonl", paths=[str(path)]))
@@ -125,7 +135,7 @@ def test_bad_jsonl_record_names_file_and_line(tmp_path, line, problem):
 def test_glob_matching_nothing_is_a_config_error(tmp_path):
     (tmp_path / "a.txt").write_text("a")
     cfg = SourceConfig(kind="text_files", paths=[str(tmp_path / "a.txt"), str(tmp_path / "*.md")])
-    with pytest.raises(ConfigError, match=r"data\.source\.paths.*\*\.md"):
+    with pytest.raises(ConfigError, match=r"data\.sources\.paths.*\*\.md"):
         documents(cfg)
 
 
@@ -163,10 +173,7 @@ def test_split_is_deterministic_disjoint_and_never_empty(docs):
 
 @pytest.mark.parametrize("packing", PACKINGS)
 def test_batches_have_fixed_shapes_and_consistent_masks(docs, tok, packing):
-    ds = train_dataset(
-        docs, tok, seq_len=SEQ_LEN, batch_size=4, seed=0, add_bos=True, add_eos=True,
-        packing=packing,
-    )  # fmt: skip
+    ds = train_dataset([Source("docs", docs)], layout(tok, packing=packing), batch_size=4, seed=0)
     it = iter(ds)
     for _ in range(20):
         batch = next(it)
@@ -240,9 +247,8 @@ def test_long_document_is_split_not_truncated(docs, tok):
 @pytest.mark.parametrize("shuffle_window", [0, 8])
 def test_iterator_state_restores_exactly(docs, tok, shuffle_window):
     ds = train_dataset(
-        docs, tok, seq_len=SEQ_LEN, batch_size=4, seed=3, add_bos=True, add_eos=True,
-        shuffle_window=shuffle_window,
-    )  # fmt: skip
+        [Source("docs", docs)], layout(tok, shuffle_window=shuffle_window), batch_size=4, seed=3
+    )
     it = iter(ds)
     for _ in range(7):
         next(it)
@@ -280,8 +286,8 @@ def test_each_epoch_is_a_new_permutation(docs):
 def test_eval_batches_are_deterministic_and_repeat_few_docs(docs, tok, seed, shuffle_window):
     def batches(d):
         return eval_batches(
-            d, tok, seq_len=SEQ_LEN, batch_size=2, num_batches=6, add_bos=True, add_eos=True,
-            seed=seed, shuffle_window=shuffle_window,
+            Source("docs", d), layout(tok, shuffle_window=shuffle_window), batch_size=2,
+            num_batches=6, seed=seed,
         )  # fmt: skip
 
     first, second = batches(docs), batches(docs)
@@ -313,3 +319,135 @@ def test_to_global_on_eight_devices():
     np.testing.assert_array_equal(np.asarray(out["tokens"]), batch["tokens"])
     with pytest.raises(ValueError, match=r"batch\['targets'\]: local shape \(6, 4\)"):
         to_global({"targets": np.zeros((6, 4), np.int32)}, sharding)
+
+
+# --------------------------------------------------------------------------- objectives
+
+
+def segments(rows, *keys):
+    """Every packed segment of `rows` as a dict of its fields' values."""
+    for row in rows:
+        for seg in np.unique(row["segment_ids"][row["segment_ids"] > 0]):
+            where = row["segment_ids"] == seg
+            yield {key: row[key][where] for key in keys}
+
+
+def doc_ids(docs, tok):
+    return [np.asarray([tok.bos_id, *tok.encode(docs[i]), tok.eos_id]) for i in range(len(docs))]
+
+
+def test_prefix_lm_rows_carry_exact_loss_mask_and_prefix(docs, tok):
+    objective = objectives.PrefixLM()
+    rows = list(
+        packed_rows(docs, layout(tok, prefix_fields=True), objective=objective, num_bins=4,
+                    shuffle_seed=0, num_epochs=1)
+    )  # fmt: skip
+    assert sorted(rows[0]) == ["loss_mask", "positions", "prefix", "segment_ids", "targets",
+                               "tokens"]  # fmt: skip
+    seen = collections.Counter()
+    for seg in segments(rows, "tokens", "targets", "loss_mask", "prefix", "positions"):
+        prefix_len = int(seg["prefix"].sum())
+        n = len(seg["tokens"])
+        assert 1 <= prefix_len < n + 1 and (seg["prefix"][:prefix_len] == 1).all()
+        np.testing.assert_array_equal(seg["loss_mask"], np.arange(n) >= prefix_len - 1)
+        np.testing.assert_array_equal(seg["positions"], np.arange(n))
+        seen.update([int(seg["tokens"][0]), *seg["targets"].tolist()])
+    # every chunk of <= seq_len + 1 tokens is one example; one-token chunks cannot be examples
+    chunk = objective.max_chunk(SEQ_LEN)
+    expected = collections.Counter()
+    for ids in doc_ids(docs, tok):
+        for piece in objectives.chunks(ids, chunk):
+            if len(piece) >= 2:
+                expected.update(piece.tolist())
+    assert seen == expected
+
+
+def test_span_corruption_rows_score_only_the_targets(docs, tok):
+    sentinels = list(range(tok.vocab_size - 20, tok.vocab_size))
+    objective = objectives.SpanCorruption(
+        noise_density=0.15, mean_span_length=3.0, sentinel_ids=sentinels
+    )
+    rows = list(
+        packed_rows(docs, layout(tok, prefix_fields=True), objective=objective, num_bins=4,
+                    shuffle_seed=0, num_epochs=1)
+    )  # fmt: skip
+    for seg in segments(rows, "tokens", "targets", "loss_mask", "prefix"):
+        prefix_len = int(seg["prefix"].sum())
+        scored = seg["targets"][seg["loss_mask"] == 1]
+        assert scored[0] == sentinels[0], "targets start with the first sentinel"
+        assert seg["tokens"][:prefix_len].tolist().count(sentinels[0]) == 1
+        assert len(scored) == len(seg["tokens"]) - prefix_len + 1
+
+
+def test_fim_rearranges_every_document_and_stays_causal(docs, tok):
+    fim_ids = (tok.vocab_size - 3, tok.vocab_size - 2, tok.vocab_size - 1)
+    objective = objectives.FillInTheMiddle(
+        rate=1.0, spm_rate=0.5, prefix_id=fim_ids[0], middle_id=fim_ids[1], suffix_id=fim_ids[2]
+    )
+    rows = list(packed_rows(docs, layout(tok), objective=objective, num_bins=4, shuffle_seed=0,
+                            num_epochs=1))  # fmt: skip
+    assert sorted(rows[0]) == ["positions", "segment_ids", "targets", "tokens"]
+    expected = collections.Counter(t for ids in doc_targets(docs, tok) for t in ids)
+    long_enough = sum(len(tok.encode(docs[i])) >= 2 for i in range(len(docs)))
+    expected.update({i: long_enough for i in fim_ids})
+    assert target_counts(rows) == expected
+
+
+def test_causal_rows_in_a_prefix_run_score_everything(docs, tok):
+    rows = rows_of(docs, tok, prefix_fields=True)
+    for row in rows:
+        real = row["segment_ids"] > 0
+        assert (row["loss_mask"] == real).all() and not row["prefix"].any()
+
+
+# --------------------------------------------------------------------------- mixtures
+
+
+def mixed(docs, tok, stages, seed=0, num_workers=0, batch_size=4):
+    halves = [docs.subset(range(0, 20)), docs.subset(range(20, 40))]
+    ds = train_dataset(
+        [Source("a", halves[0]), Source("b", halves[1])], layout(tok), batch_size=batch_size,
+        seed=seed, stages=stages, num_workers=num_workers,
+    )  # fmt: skip
+    return ds
+
+
+def test_mixture_shares_are_exact_and_stages_switch_at_their_row(docs, tok):
+    it = iter(mixed(docs, tok, [(0, [3.0, 1.0]), (40, [0.0, 1.0])]))
+    rows = np.concatenate([next(it)["source"][:, 0] for _ in range(20)])  # 80 rows
+    assert (rows[:40] == 0).sum() == 30 and (rows[:40] == 1).sum() == 10
+    assert (rows[40:] == 1).all()
+    for r in range(1, 41):  # never further than one row from the exact share
+        assert abs((rows[:r] == 0).sum() - 0.75 * r) <= 1
+
+
+def test_mixture_state_restores_mid_stage(docs, tok):
+    ds = mixed(docs, tok, [(0, [1.0, 1.0]), (24, [1.0, 3.0])])
+    it = iter(ds)
+    for _ in range(5):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = [next(it) for _ in range(6)]  # crosses the stage boundary at row 24
+    resumed = iter(ds)
+    resumed.set_state(state)
+    for want in expected:
+        got = next(resumed)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_worker_processes_resume_exactly(docs, tok):
+    ds = mixed(docs, tok, [(0, [1.0, 1.0])], num_workers=2)
+    it = iter(ds)
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(4)]
+    it.close()
+    resumed = iter(ds)
+    resumed.set_state(state)
+    for want in expected:
+        got = next(resumed)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    resumed.close()

@@ -119,3 +119,15 @@ def test_halves_add_up_to_the_whole_batch(batch):
     # The halves hold 5 and 7 tokens: averaging their means would weight tokens unequally.
     mean_of_means = (float(objective(halves[0], 0.0)) + float(objective(halves[1], 0.0))) / 2
     assert abs(mean_of_means - float(objective(whole, 0.0))) > 1e-3
+
+
+def test_loss_mask_selects_exactly_its_tokens(batch):
+    """Prefix-LM objectives score only the suffix: masked positions add nothing, not even to
+    the token count, and padding stays out whatever the mask says."""
+    logits, targets, segment_ids = batch
+    loss_mask = np.array([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1], [1, 0, 1, 0, 1]], np.int32)
+    sums = jax.jit(loss_sums)(logits, targets, segment_ids, loss_mask)
+    scored = (segment_ids != 0) & (loss_mask != 0)
+    expected = numpy_cross_entropy(logits, targets)[scored].sum()
+    np.testing.assert_allclose(float(sums.cross_entropy), expected, rtol=1e-5)
+    assert float(sums.tokens) == scored.sum() == 7

@@ -52,9 +52,9 @@ def overrides(corpus, run_dir, *extra: str) -> list[str]:
     lengths follow the same trajectory."""
     return [
         f"run.dir={run_dir}",
-        "data.source.kind=text_files",
-        f"data.source.paths=[{corpus['glob']}]",
-        "data.source.document_per=line",
+        "data.sources.corpus.kind=text_files",
+        f"data.sources.corpus.paths=[{corpus['glob']}]",
+        "data.sources.corpus.document_per=line",
         f"data.tokenizer.vocab_size={TOKENIZER_VOCAB}",
         f"data.tokenizer.cache_dir={corpus['cache']}",
         "data.eval_fraction=0.1",
@@ -163,7 +163,7 @@ def test_summary_json_matches_the_returned_summary(run):
 def test_saved_config_reloads_to_the_same_config(run):
     reloaded = config.load(str(run.dir / "config.yaml"))
     assert reloaded == run.cfg
-    assert reloaded.data.source.paths == run.cfg.data.source.paths
+    assert reloaded.data.sources["corpus"].paths == run.cfg.data.sources["corpus"].paths
 
 
 @pytest.mark.slow
@@ -394,3 +394,53 @@ def test_resuming_with_another_tokenizer_is_a_config_error(corpus, tmp_path):
     other = config.load(None, [*first, f"data.tokenizer.vocab_size={TOKENIZER_VOCAB - 20}"])
     with pytest.raises(ConfigError, match=r"data\.tokenizer: the checkpoint of step 2 .* trained"):
         train(other)
+
+
+@pytest.mark.slow
+def test_mixture_of_objectives_with_stages_trains_and_resumes_exactly(corpus, tmp_path):
+    """Two named sources, FIM code lines and UL2 prose from Parquet, mixed 1:1 and then only
+    prose from step 5: tokens seen per source follow the stages, held-out loss is reported
+    per source, and a resume across the stage boundary repeats steps 5-8 bit for bit."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lines = [line for path in sorted(Path(corpus["glob"]).parent.glob("*.txt"))
+             for line in path.read_text().splitlines()]  # fmt: skip
+    prose = [" ".join(reversed(line.split())) for line in lines]
+    pq.write_table(pa.table({"text": prose}), tmp_path / "prose.parquet")
+    run_dir = tmp_path / "run"
+    run_settings = ["train.steps=8", "checkpoint.every_steps=4", "eval.every_steps=0",
+                    "metrics.log_every_steps=1", "metrics.tensorboard=false"]  # fmt: skip
+    argv = [
+        *overrides(corpus, run_dir, *run_settings),
+        "data.sources.corpus.objective.kind=fim",
+        "data.sources.prose.kind=parquet",
+        f"data.sources.prose.paths=[{tmp_path / 'prose.parquet'}]",
+        "data.sources.prose.objective.kind=ul2",
+        "data.sources.prose.objective.num_sentinels=8",
+        "data.mixture_stages=[{start_step: 1, weights: {corpus: 1, prose: 1}},"
+        " {start_step: 5, weights: {prose: 1}}]",
+    ]
+    cfg = config.load(None, argv)
+    first = train(cfg)
+    records, _ = read_jsonl(run_dir)
+    code_seen = [r["tokens_seen/corpus"] for r in records]
+    prose_seen = [r["tokens_seen/prose"] for r in records]
+    assert code_seen[0] > 0 and prose_seen[0] > 0
+    assert code_seen[3] == code_seen[-1], "no code rows after step 4"
+    assert prose_seen[-1] > prose_seen[3]
+    for r in records:
+        assert r["tokens_seen"] == pytest.approx(r["tokens_seen/corpus"] + r["tokens_seen/prose"])
+        assert r["loss_tokens"] < r["tokens"], "UL2 prefixes are read but not scored"
+    assert first["source_tokens"] == {"corpus": code_seen[-1], "prose": prose_seen[-1]}
+    assert math.isfinite(first["eval_loss/corpus"]) and math.isfinite(first["eval_loss/prose"])
+    assert first["final_train_loss"] < math.log(MODEL_VOCAB)
+
+    shutil.rmtree(run_dir / "checkpoints" / "8")
+    second = train(cfg)
+    again, _ = read_jsonl(run_dir)
+    exact = ("loss", "grad_norm", "tokens", "loss_tokens", "tokens_seen/corpus",
+             "tokens_seen/prose")  # fmt: skip
+    for a, b in zip(records, again, strict=True):
+        assert {k: a[k] for k in exact} == {k: b[k] for k in exact}, a["step"]
+    assert second["eval_loss/prose"] == first["eval_loss/prose"]

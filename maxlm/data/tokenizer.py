@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,10 @@ class Tokenizer(abc.ABC):
     def decode(self, ids: list[int]) -> str:
         """The text of `ids` (special tokens spelled out)."""
 
+    @abc.abstractmethod
+    def token_id(self, piece: str) -> int | None:
+        """The id of the vocabulary entry `piece` (e.g. a sentinel), or None if absent."""
+
 
 class HuggingFaceTokenizer(Tokenizer):
     """A `tokenizers` tokenizer.json file."""
@@ -103,6 +107,9 @@ class HuggingFaceTokenizer(Tokenizer):
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
+    def token_id(self, piece: str) -> int | None:
+        return self.tokenizer.token_to_id(piece)
+
 
 class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece .model file."""
@@ -132,11 +139,20 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: list[int]) -> str:
         return self.processor.decode([int(i) for i in ids])
 
+    def token_id(self, piece: str) -> int | None:
+        token_id = self.processor.piece_to_id(piece)
+        return token_id if self.processor.id_to_piece(token_id) == piece else None
 
-def load_tokenizer(cfg: TokenizerConfig, corpus: Documents) -> Tokenizer:
-    """The tokenizer `cfg` names; kind train_bpe trains on `corpus` (or loads the cached one)."""
+
+def load_tokenizer(
+    cfg: TokenizerConfig, corpus: Documents, special_tokens: Sequence[str] = ()
+) -> Tokenizer:
+    """The tokenizer `cfg` names; kind train_bpe trains on `corpus` (or loads the cached one),
+    reserving `special_tokens` (e.g. the objectives' sentinels) after `SPECIAL_TOKENS`."""
     if cfg.kind == "train_bpe":
-        return HuggingFaceTokenizer(_cached_bpe(corpus, cfg.vocab_size, cfg.cache_dir))
+        return HuggingFaceTokenizer(
+            _cached_bpe(corpus, cfg.vocab_size, cfg.cache_dir, tuple(special_tokens))
+        )
     path = Path(os.path.expanduser(cfg.path or ""))
     if not path.is_file():
         raise ConfigError(f"data.tokenizer.path: file not found: {cfg.path}")
@@ -145,43 +161,67 @@ def load_tokenizer(cfg: TokenizerConfig, corpus: Documents) -> Tokenizer:
     return SentencePieceTokenizer(path)
 
 
-def _cached_bpe(corpus: Documents, vocab_size: int, cache_dir: str) -> Path:
+def _cached_bpe(
+    corpus: Documents, vocab_size: int, cache_dir: str, special_tokens: tuple[str, ...] = ()
+) -> Path:
     """Path of the BPE trained on `corpus`, named by what determines it; trains on a miss."""
     key = hashlib.sha256()
-    for doc_id, nbytes in zip(corpus.ids, corpus.nbytes, strict=True):
+    for doc_id, nbytes in zip(corpus.ids, _text_sizes(corpus), strict=True):
         key.update(f"{doc_id}\0{nbytes}\0".encode())
     key.update(f"{vocab_size} {tokenizers.__version__} {MAX_TRAIN_BYTES}".encode())
+    if special_tokens:  # keeps the names of caches made before extra specials existed
+        key.update("\0".join(special_tokens).encode())
     path = Path(os.path.expanduser(cache_dir)) / f"bpe-{vocab_size}-{key.hexdigest()[:16]}.json"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        trained = train_bpe(corpus, vocab_size)
+        trained = train_bpe(corpus, vocab_size, special_tokens)
         _write_atomic(path, trained.to_str().encode("utf-8"))
     return path
 
 
-def train_bpe(corpus: Documents, vocab_size: int) -> tokenizers.Tokenizer:
-    """A byte-level BPE (`<pad>`=0, `<s>`=1, `</s>`=2) trained on up to MAX_TRAIN_BYTES of
-    `corpus`, documents taken in the order of their id hash."""
+def train_bpe(
+    corpus: Documents, vocab_size: int, special_tokens: Sequence[str] = ()
+) -> tokenizers.Tokenizer:
+    """A byte-level BPE (`<pad>`=0, `<s>`=1, `</s>`=2, then `special_tokens`) trained on up to
+    MAX_TRAIN_BYTES of `corpus`, documents taken in the order of their id hash."""
     chosen = _training_sample(corpus)
     tokenizer = tokenizers.Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(dict.fromkeys([*SPECIAL_TOKENS, *special_tokens])),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator((corpus[i] for i in chosen), trainer, length=len(chosen))
+    tokenizer.train_from_iterator(_texts(corpus, chosen), trainer, length=len(chosen))
     return tokenizer
+
+
+def _text_sizes(corpus: Documents) -> np.ndarray:
+    if corpus.nbytes is None:
+        raise ConfigError(
+            "data.tokenizer.kind: a tokenizer cannot be trained on pre-tokenized documents; "
+            "name the tokenizer file they were made with"
+        )
+    return corpus.nbytes
+
+
+def _texts(corpus: Documents, indices: np.ndarray) -> Iterator[str]:
+    """The texts at `indices` of a text source (`_text_sizes` rejects token sources)."""
+    for i in indices:
+        text = corpus[int(i)]
+        assert isinstance(text, str), "a text source yields strings"
+        yield text
 
 
 def _training_sample(corpus: Documents) -> np.ndarray:
     """Indices of the documents training reads: up to MAX_TRAIN_BYTES, in id-hash order."""
     if len(corpus) == 0:
-        raise ConfigError("data.source: tokenizer training needs at least one document")
+        raise ConfigError("data.sources: tokenizer training needs at least one document")
+    sizes = _text_sizes(corpus)
     order = np.argsort([stable_hash(i) for i in corpus.ids], kind="stable")
-    within_cap = np.cumsum(corpus.nbytes[order]) - corpus.nbytes[order] < MAX_TRAIN_BYTES
+    within_cap = np.cumsum(sizes[order]) - sizes[order] < MAX_TRAIN_BYTES
     return order[within_cap]
 
 
@@ -203,7 +243,7 @@ def train_unigram(corpus: Documents, vocab_size: int) -> bytes:
     trained LLaMA-style: identity normalization, byte fallback, digits split."""
     chosen = _training_sample(corpus)
     # sentencepiece trains on sentences and skips long ones, so feed it the lines.
-    lines = (line for i in chosen for line in corpus[int(i)].splitlines() if line.strip())
+    lines = (line for text in _texts(corpus, chosen) for line in text.splitlines() if line.strip())
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=lines, model_writer=model, vocab_size=vocab_size,
@@ -333,7 +373,7 @@ def _train_command(args: argparse.Namespace) -> None:
         except RuntimeError as err:  # e.g. "Vocabulary size too high" for a small corpus
             raise _UsageError(f"--vocab-size: {str(err).strip().splitlines()[-1]}") from None
     tokenizer.save(args.out)
-    sample = [corpus[int(i)] for i in _training_sample(corpus)]
+    sample = list(_texts(corpus, _training_sample(corpus)))
     print(f"wrote {args.out}")
     print(f"vocab size: {tokenizer.vocab_size}")
     print(f"fingerprint: {tokenizer.fingerprint}")
@@ -363,7 +403,7 @@ def _extend_command(args: argparse.Namespace) -> None:
             corpus = documents(SourceConfig(kind="text_files", paths=args.sample))
         except ConfigError as err:
             raise _UsageError(f"--sample: {str(err).split(': ', 1)[-1]}") from None
-        texts = [corpus[int(i)] for i in _training_sample(corpus)]
+        texts = list(_texts(corpus, _training_sample(corpus)))
         before, after = tokens_per_char(base, texts), tokens_per_char(extended, texts)
         drop = 100 * (1 - after / before) if before else 0.0
         print(f"tokens per character (sample): {before:.4f} -> {after:.4f} ({drop:.1f}% fewer)")
