@@ -486,7 +486,9 @@ class CleaningConfig(Section):
     strip_control_chars: bool = _field(
         True, "Remove control characters other than newline and tab."
     )
-    min_chars: int = _field(1, "Drop documents shorter than this after cleaning.", ge=0)
+    min_chars: int = _field(
+        1, "Drop documents (pieces of split ones) shorter than this after cleaning.", ge=0
+    )
     max_chars: int = _field(
         1_000_000, "Split documents longer than this (at line breaks where possible).", gt=0
     )
@@ -497,6 +499,13 @@ class CleaningConfig(Section):
         ge=0,
     )
 
+    @field_validator("boilerplate_min_documents")
+    @classmethod
+    def _off_or_repeated(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("boilerplate_min_documents: 1 would remove every line; use 0 or >= 2")
+        return value
+
 
 class QualityConfig(Section):
     enabled: bool = _field(False, "Apply the Gopher / RefinedWeb quality filters below.")
@@ -505,12 +514,22 @@ class QualityConfig(Section):
     min_mean_word_length: float = _field(3.0, "Smallest mean word length (characters).", ge=0)
     max_mean_word_length: float = _field(10.0, "Largest mean word length (characters).", gt=0)
     max_symbol_word_ratio: float = _field(
-        0.1, "Most '#' and '...' per word (hash and ellipsis symbols).", ge=0
+        0.1, "Most '#' per word, and most ellipses per word.", ge=0
     )
-    max_bullet_lines: float = _field(0.9, "Most share of lines starting with a bullet.", ge=0)
-    max_ellipsis_lines: float = _field(0.3, "Most share of lines ending in an ellipsis.", ge=0)
+    max_bullet_lines: float = _field(
+        0.9, "Most share of non-blank lines starting with a bullet.", ge=0
+    )
+    max_ellipsis_lines: float = _field(
+        0.3, "Most share of non-blank lines ending in an ellipsis.", ge=0
+    )
     min_alpha_words: float = _field(
         0.8, "Least share of words containing an alphabetic character.", ge=0, le=1
+    )
+    min_stop_words: int = _field(
+        2,
+        "Fewest distinct English stop words (the, be, to, of, and, that, have, with); "
+        "0 turns the filter off for other languages and code.",
+        ge=0,
     )
     max_duplicate_lines: float = _field(0.3, "Most share of lines that repeat another.", ge=0)
     max_duplicate_line_chars: float = _field(

@@ -65,7 +65,8 @@ def test_objective_tokens_are_reserved_in_a_trained_tokenizer(corpus):
     )
     data = mixture.load(cfg)
     tok = data.tokenizer
-    names = ["<fim_prefix>", "<fim_middle>", "<fim_suffix>"] + [f"<extra_id_{k}>" for k in range(4)]
+    names = ["<fim_prefix>", "<fim_middle>", "<fim_suffix>"]
+    names += [f"<extra_id_{k}>" for k in range(4)]
     assert [tok.token_id(n) for n in names] == list(range(3, 10))  # after <pad>, <s>, </s>
     assert data.train[0].objective.prefix_id == 3
     assert list(data.train[1].objective.sentinel_ids) == [6, 7, 8, 9]
@@ -82,8 +83,8 @@ def test_objective_token_missing_from_a_tokenizer_file_is_named(corpus, tmp_path
         f"data.tokenizer.path={tmp_path / 'tokenizer.json'}",
         "data.sources.long.objective.kind=ul2",
     )
-    with pytest.raises(ConfigError, match=r"data\.sources\.long\.objective\.sentinel_format: "
-                                          r"the tokenizer has no token '<extra_id_0>'"):  # fmt: skip
+    missing = r"data\.sources\.long\.objective\.sentinel_format: the tokenizer has no token "
+    with pytest.raises(ConfigError, match=missing + "'<extra_id_0>'"):
         mixture.load(cfg)
 
 
@@ -136,10 +137,8 @@ def test_tokens_per_source_follow_the_weights(corpus):
     data = mixture.load(cfg)
     layout = pipeline.Layout(data.tokenizer, seq_len=32, add_bos=True, add_eos=True,
                              packing="concat_split")  # fmt: skip
-    batches = iter(
-        pipeline.train_dataset(data.train, layout, batch_size=8, seed=0,
-                               stages=mixture.stages(cfg.data, 8))  # fmt: skip
-    )
+    stages = mixture.stages(cfg.data, 8)
+    batches = iter(pipeline.train_dataset(data.train, layout, batch_size=8, seed=0, stages=stages))
     tokens = np.zeros(2)
     for _ in range(50):
         batch = next(batches)

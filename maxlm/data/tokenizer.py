@@ -208,9 +208,14 @@ def _text_sizes(corpus: Documents) -> np.ndarray:
 
 
 def _texts(corpus: Documents, indices: np.ndarray) -> Iterator[str]:
-    """The texts at `indices` of a text source (`_text_sizes` rejects token sources)."""
+    """The texts at `indices` of a text source (`_text_sizes` rejects token sources); an
+    unreadable one is named and left out (prepare counts it; training reads it again)."""
     for i in indices:
-        text = corpus[int(i)]
+        try:
+            text = corpus[int(i)]
+        except OSError as err:
+            print(f"tokenizer training skips {corpus.ids[int(i)]}: {err}", file=sys.stderr)
+            continue
         assert isinstance(text, str), "a text source yields strings"
         yield text
 
