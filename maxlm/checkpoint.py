@@ -14,7 +14,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from maxlm.config import CheckpointConfig
+from maxlm.config import CheckpointConfig, ConfigError
 from maxlm.state import Blueprint, TrainState
 
 
@@ -59,6 +59,26 @@ class Checkpointer:
                 progress=ocp.args.JsonSave(progress),
             ),
         )
+
+    def progress(self, step: int) -> dict[str, Any]:
+        """The small JSON saved with `step`, read alone (before restoring anything else)."""
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(progress=ocp.args.JsonRestore())
+        )
+        return dict(restored["progress"])
+
+    def check_layout(self, step: int, layout: dict[str, Any]) -> None:
+        """Stop with an error naming the config key when `step` was saved with another data
+        layout (config key -> value): the data iterator's state would not fit, and grain
+        would fail with a bare IndexError or KeyError."""
+        saved = self.progress(step).get("layout", {})
+        for key, value in layout.items():
+            if key in saved and saved[key] != value:
+                raise ConfigError(
+                    f"{key}: the checkpoint of step {step} in {self.directory} was written with "
+                    f"{saved[key]!r}, this run has {value!r}; resume with the same value (or "
+                    "start a new run.dir)"
+                )
 
     def restore(
         self, step: int, blueprint: Blueprint, iterator: Any

@@ -160,7 +160,13 @@ def train(cfg: Config) -> dict[str, Any]:
 
     checkpointer = Checkpointer(cfg.checkpoint, run_dir)
     start = checkpointer.latest_step() or 0
+    data_layout = {
+        "data.sources": data.names,
+        "data.num_workers": cfg.data.num_workers,
+        "processes": jax.process_count(),
+    }
     if start:
+        checkpointer.check_layout(start, data_layout)
         state, saved = checkpointer.restore(start, blue, train_iter)
         if saved["tokenizer_fingerprint"] != tokenizer.fingerprint:
             raise ConfigError(
@@ -218,6 +224,7 @@ def train(cfg: Config) -> dict[str, Any]:
                     "tokens_seen": progress.tokens_seen,
                     "source_tokens": progress.source_tokens,
                     "tokenizer_fingerprint": tokenizer.fingerprint,
+                    "layout": data_layout,
                 },
             )
     checkpointer.close()

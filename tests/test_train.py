@@ -444,3 +444,24 @@ def test_mixture_of_objectives_with_stages_trains_and_resumes_exactly(corpus, tm
     for a, b in zip(records, again, strict=True):
         assert {k: a[k] for k in exact} == {k: b[k] for k in exact}, a["step"]
     assert second["eval_loss/prose"] == first["eval_loss/prose"]
+
+
+@pytest.mark.slow
+def test_worker_processes_resume_exactly_and_their_count_is_checked(corpus, tmp_path):
+    """With data.num_workers=2 a resumed run repeats the lost steps bit for bit; resuming with
+    another worker count (whose iterator state cannot fit) is a clear error naming the key."""
+    run_dir = tmp_path / "run"
+    argv = overrides(
+        corpus, run_dir, "train.steps=6", "checkpoint.every_steps=3", "eval.every_steps=0",
+        "metrics.log_every_steps=1", "metrics.tensorboard=false", "data.num_workers=2",
+    )  # fmt: skip
+    cfg = config.load(None, argv)
+    train(cfg)
+    first, _ = read_jsonl(run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "6")
+    train(cfg)
+    again, _ = read_jsonl(run_dir)
+    assert [(r["loss"], r["tokens"]) for r in again] == [(r["loss"], r["tokens"]) for r in first]
+    with pytest.raises(ConfigError, match=r"data\.num_workers: the checkpoint of step 6 .* "
+                                          r"written with 2, this run has 0"):  # fmt: skip
+        train(config.load(None, [*argv, "data.num_workers=0"]))
