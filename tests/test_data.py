@@ -249,16 +249,30 @@ def test_iterator_state_restores_exactly(docs, tok, shuffle_window):
     ds = train_dataset(
         [Source("docs", docs)], layout(tok, shuffle_window=shuffle_window), batch_size=4, seed=3
     )
+    assert_resumes_exactly(ds, skip=7, check=5)
+
+
+def assert_resumes_exactly(ds, skip, check):
+    """Read `skip` batches, save the state as a checkpoint would (JSON), read `check` more; a
+    fresh iterator given that state yields the same `check` batches."""
     it = iter(ds)
-    for _ in range(7):
+    for _ in range(skip):
         next(it)
-    state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
-    expected = [next(it) for _ in range(5)]
+    state = json.loads(json.dumps(it.get_state()))
+    expected = [next(it) for _ in range(check)]
+    close(it)
     resumed = iter(ds)
     resumed.set_state(state)
-    for want, got in zip(expected, (next(resumed) for _ in range(5)), strict=True):
+    for want in expected:
+        got = next(resumed)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
+    close(resumed)
+
+
+def close(iterator):
+    if hasattr(iterator, "close"):  # worker processes
+        iterator.close()
 
 
 def test_process_shards_cover_documents_exactly_once(docs, tok):
@@ -423,31 +437,8 @@ def test_mixture_shares_are_exact_and_stages_switch_at_their_row(docs, tok):
 
 def test_mixture_state_restores_mid_stage(docs, tok):
     ds = mixed(docs, tok, [(0, [1.0, 1.0]), (24, [1.0, 3.0])])
-    it = iter(ds)
-    for _ in range(5):
-        next(it)
-    state = json.loads(json.dumps(it.get_state()))
-    expected = [next(it) for _ in range(6)]  # crosses the stage boundary at row 24
-    resumed = iter(ds)
-    resumed.set_state(state)
-    for want in expected:
-        got = next(resumed)
-        for key in want:
-            np.testing.assert_array_equal(got[key], want[key])
+    assert_resumes_exactly(ds, skip=5, check=6)  # crosses the stage boundary at row 24
 
 
 def test_worker_processes_resume_exactly(docs, tok):
-    ds = mixed(docs, tok, [(0, [1.0, 1.0])], num_workers=2)
-    it = iter(ds)
-    for _ in range(3):
-        next(it)
-    state = it.get_state()
-    expected = [next(it) for _ in range(4)]
-    it.close()
-    resumed = iter(ds)
-    resumed.set_state(state)
-    for want in expected:
-        got = next(resumed)
-        for key in want:
-            np.testing.assert_array_equal(got[key], want[key])
-    resumed.close()
+    assert_resumes_exactly(mixed(docs, tok, [(0, [1.0, 1.0])], num_workers=2), skip=3, check=4)
