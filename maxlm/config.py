@@ -591,7 +591,41 @@ class CheckpointConfig(Section):
         1000, "Save a checkpoint every N steps and at the last step (0: never).", ge=0
     )
     keep: int = _field(3, "Keep the newest N checkpoints.", gt=0)
+    keep_every_steps: int = _field(
+        0, "Also keep every checkpoint whose step is a multiple of this, forever (0: none).", ge=0
+    )
     async_save: bool = _field(True, "Write checkpoints in the background while training goes on.")
+    init_from: str | None = _field(
+        None,
+        "A checkpoint step directory (<run>/checkpoints/<step>) whose parameters start a new "
+        "run with a fresh optimizer and schedule (continual pretraining); ignored on resume.",
+    )
+    preemption_grace_s: float = _field(
+        300.0,
+        "On SIGTERM / SIGINT: finish the step, save, wait for the commit, exit 0; give up on the "
+        "save after this many seconds.",
+        gt=0,
+    )
+
+
+class StabilityConfig(Section):
+    spike_factor: float = _field(
+        3.0, "A loss above this multiple of its running mean is a spike (0: off).", ge=0
+    )
+    spike_zscore: float = _field(
+        6.0,
+        "A loss this many running standard deviations above the mean is a spike (0: off).",
+        ge=0,
+    )
+    window: int = _field(100, "Steps of loss history behind the running statistics.", gt=1)
+    min_history: int = _field(20, "Steps of history before spikes are looked for.", gt=1)
+    skip_batches: int = _field(
+        100, "Batches skipped after restoring the last good checkpoint on a spike.", ge=0
+    )
+    max_recoveries: int = _field(
+        5, "Give up after this many recoveries (spikes or non-finite steps) ...", ge=0
+    )
+    recovery_window_steps: int = _field(1000, "... within this many steps.", gt=0)
 
 
 class MetricsConfig(Section):
@@ -609,6 +643,9 @@ class Config(Section):
     train: TrainConfig = _field(TrainConfig(), "Steps, batch and sequence shape.")
     eval: EvalConfig = _field(EvalConfig(), "Periodic held-out evaluation.")
     checkpoint: CheckpointConfig = _field(CheckpointConfig(), "Saving and resuming.")
+    stability: StabilityConfig = _field(
+        StabilityConfig(), "Loss-spike and NaN detection, restore-and-skip."
+    )
     prepare: PrepareConfig = _field(PrepareConfig(), "Offline cleaning, dedup and tokenization.")
     metrics: MetricsConfig = _field(MetricsConfig(), "Logging.")
 

@@ -6,7 +6,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import jax
 
@@ -18,17 +18,29 @@ class MetricsWriter:
         """`resume_step` > 0 keeps the records up to that step (a resumed run rewrites the
         steps after its checkpoint); 0 starts a fresh file."""
         self.enabled = jax.process_index() == 0
-        self._jsonl = None
+        self._path = run_dir / "metrics.jsonl"
+        self._jsonl: TextIO | None = None
         if self.enabled:
-            path = run_dir / "metrics.jsonl"
-            kept = _records_until(path, resume_step) if resume_step and path.exists() else []
-            self._jsonl = open(path, "w")  # noqa: SIM115
-            self._jsonl.writelines(kept)
+            self._reopen(resume_step)
         self._tb = None
         if self.enabled and tensorboard:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def _reopen(self, keep_until: int) -> None:
+        kept = []
+        if keep_until and self._path.exists():
+            kept = _records_until(self._path, keep_until)
+        if self._jsonl is not None:
+            self._jsonl.close()
+        self._jsonl = open(self._path, "w")  # noqa: SIM115
+        self._jsonl.writelines(kept)
+
+    def rewind(self, step: int) -> None:
+        """Drop the records after `step` (training went back to that step's checkpoint)."""
+        if self.enabled:
+            self._reopen(step)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if self._jsonl is None:

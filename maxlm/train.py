@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from maxlm import (
     config as config_lib,
@@ -19,11 +20,20 @@ from maxlm import (
     state as state_lib,
     train_step,
 )
-from maxlm.checkpoint import Checkpointer
+from maxlm.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    PreemptionWatch,
+    load_params,
+    state_hash,
+)
 from maxlm.config import Config, ConfigError
 from maxlm.data import global_batch, mixture, pipeline
+from maxlm.faults import Faults
 from maxlm.metrics import MetricsWriter, Throughput, format_duration, format_progress
 from maxlm.model import compute_dtype
+from maxlm.stability import SpikeMonitor, StabilityError
+from maxlm.state import TrainState
 
 # fixed, not run.seed: held-out batches stay comparable across runs with different seeds
 HELD_OUT_SAMPLE_SEED = 0
@@ -159,52 +169,133 @@ def train(cfg: Config) -> dict[str, Any]:
     }
 
     checkpointer = Checkpointer(cfg.checkpoint, run_dir)
-    start = checkpointer.latest_step() or 0
     data_layout = {
         "data.sources": data.names,
         "data.num_workers": cfg.data.num_workers,
         "processes": jax.process_count(),
     }
-    if start:
-        checkpointer.check_layout(start, data_layout)
-        state, saved = checkpointer.restore(start, blue, train_iter)
+
+    def resumable(step: int, saved: dict[str, Any]) -> None:
+        """A checkpoint of another tokenizer or data layout must not be resumed."""
         if saved["tokenizer_fingerprint"] != tokenizer.fingerprint:
             raise ConfigError(
-                f"data.tokenizer: the checkpoint of step {start} in {checkpointer.directory} was "
+                f"data.tokenizer: the checkpoint of step {step} in {checkpointer.directory} was "
                 f"trained with tokenizer {saved['tokenizer_fingerprint'][:12]}, but this run's "
                 f"tokenizer is {tokenizer.fingerprint[:12]}"
             )
-        tokens_seen = float(saved["tokens_seen"])
-        source_tokens = dict(saved.get("source_tokens", {}))
+        for key, value in data_layout.items():
+            if saved["layout"][key] != value:
+                raise ConfigError(
+                    f"{key}: the checkpoint of step {step} in {checkpointer.directory} was written "
+                    f"with {saved['layout'][key]!r}, this run has {value!r}; resume with the same "
+                    "value (or start a new run.dir)"
+                )
+
+    events = Events(run_dir)
+    monitor = SpikeMonitor(cfg.stability)
+    restored = checkpointer.restore_latest(blue, train_iter, resumable, log)
+    if restored is not None:
+        start, state, saved = restored
+        monitor.load_state_dict(saved["stability"])
         log(f"resumed from the checkpoint of step {start} in {checkpointer.directory}")
     else:
-        state, tokens_seen = state_lib.init(cfg, steps.optimizer, blue), 0.0
-        source_tokens = {}
+        start, saved = 0, {}
+        state = state_lib.init(cfg, steps.optimizer, blue)
+        if cfg.checkpoint.init_from:
+            state = state.replace(params=load_params(cfg.checkpoint.init_from, blue))
+            log(f"parameters from {cfg.checkpoint.init_from}; fresh optimizer and schedule")
+    batches_consumed = int(saved.get("batches_consumed", start))
 
     peak, peak_source = estimate.peak_flops(jax.devices(), compute_dtype(cfg.model.dtype).name)
     flops_per_token = estimate.flops_per_token(cfg.model, cfg.train.seq_len)
     log(f"MFU is against the {peak_source}; {flops_per_token / 1e6:.1f} MFLOP per token")
     writer = MetricsWriter(run_dir, cfg.metrics.tensorboard, resume_step=start)
     progress = Progress(
-        cfg, writer, Throughput(flops_per_token, peak), start, tokens_seen, source_tokens
+        cfg,
+        writer,
+        Throughput(flops_per_token, peak),
+        start,
+        float(saved.get("tokens_seen", 0.0)),
+        dict(saved.get("source_tokens", {})),
     )
     eval_result: dict[str, float] = {}
+    faults = Faults()
+    preemption = PreemptionWatch()
 
-    pending = None
-    for step in range(start + 1, cfg.train.steps + 1):
-        batch = global_batch.to_global(next(train_iter), batch_sharding)
-        state, metrics = steps.train(state, batch)
-        if pending is not None:
-            progress.log(*pending)  # the previous step's, while this one runs
+    def progress_json() -> dict[str, Any]:
+        return {
+            "tokens_seen": progress.tokens_seen,
+            "source_tokens": progress.source_tokens,
+            "batches_consumed": batches_consumed,
+            "tokenizer_fingerprint": tokenizer.fingerprint,
+            "layout": data_layout,
+            "stability": monitor.state_dict(),
+            "config": cfg.model_dump(mode="json"),
+        }
+
+    def judge(step: int, values: dict[str, float]) -> bool:
+        """Whether step `step` went wrong in a way that needs the last good checkpoint."""
+        faults.record(step, values["loss"])
+        verdict = monitor.check(step, values["loss"], values["grad_norm"])
+        if verdict is None:
+            return False
+        log(f"step {step}: {verdict.reason}: {verdict.action.replace('_', ' ')}")
+        events.write(step, verdict.action, reason=verdict.reason)
+        return verdict.action == "restore_and_skip"
+
+    def restore_and_skip(bad_step: int) -> tuple[int, TrainState]:
+        """Back to the newest good checkpoint, then past the next stability.skip_batches."""
+        nonlocal batches_consumed
+        checkpointer.wait()
+        back = checkpointer.restore_latest(blue, train_iter, resumable, log)
+        if back is None:
+            raise StabilityError(
+                f"step {bad_step}: a loss spike, but no checkpoint to go back to "
+                "(checkpoint.every_steps is 0 or no step was saved yet)"
+            )
+        good_step, good_state, good = back
+        monitor.after_restore(good_step)
+        progress.rewind(good_step, good["tokens_seen"], good["source_tokens"])
+        batches_consumed = int(good["batches_consumed"])
+        skipped = []
+        for _ in range(cfg.stability.skip_batches):
+            skipped.append(describe_batch(next(train_iter), batches_consumed, data.names))
+            batches_consumed += 1
+        log(f"restored step {good_step}; skipped batches {skipped[0]['index'] if skipped else '-'}"
+            f"..{skipped[-1]['index'] if skipped else '-'}")  # fmt: skip
+        events.write(bad_step, "restored", restored_step=good_step, skipped_batches=skipped)
+        return good_step, good_state
+
+    pending: tuple[int, Any] | None = None
+    step = start
+    while step < cfg.train.steps:
+        step += 1
+        host_batch = next(train_iter)
+        batches_consumed += 1
+        faults.batch(step, host_batch, cfg.model.vocab_size)
+        faults.note_batch(step, host_batch)
+        state, metrics = steps.train(state, global_batch.to_global(host_batch, batch_sharding))
+        faults.after_dispatch(step)
+        checkpointer.check_for_errors(step)
+        # the previous step's metrics, while this one runs
+        if pending is not None and judge(pending[0], progress.log(*pending)):
+            step, state = restore_and_skip(pending[0])
+            pending = None
+            continue
         pending = (step, metrics)
         last = step == cfg.train.steps
+        preempted = preemption.reached(step)
         eval_due = last or bool(cfg.eval.every_steps and step % cfg.eval.every_steps == 0)
-        save_due = checkpointer.due(step, cfg.train.steps)
+        save_due = checkpointer.due(step, cfg.train.steps) or preempted
         if not (eval_due or save_due):
             continue
-        record = progress.collect(step, metrics) or {}
+        values = progress.collect(step, metrics)
         pending = None
-        if eval_due:
+        if judge(step, values):
+            step, state = restore_and_skip(step)
+            continue
+        record = progress.record(step, values) or {}
+        if eval_due and not preempted:
             eval_start = time.perf_counter()
             eval_result = evaluate(steps.eval, state.params, eval_batches)
             progress.throughput.exclude(time.perf_counter() - eval_start)
@@ -216,17 +307,16 @@ def train(cfg: Config) -> dict[str, Any]:
         if record:
             writer.write(step, record)
         if save_due:
-            checkpointer.save(
-                step,
-                state,
-                train_iter,
-                {
-                    "tokens_seen": progress.tokens_seen,
-                    "source_tokens": progress.source_tokens,
-                    "tokenizer_fingerprint": tokenizer.fingerprint,
-                    "layout": data_layout,
-                },
-            )
+            checkpointer.save(step, state, train_iter, progress_json())
+            faults.after_save(step)
+        if preempted:
+            log(f"preempted: saved step {step}; waiting for it to commit")
+            checkpointer.close(timeout_s=cfg.checkpoint.preemption_grace_s)
+            events.write(step, "preempted")
+            writer.close()
+            preemption.close()
+            return {"steps": step, "preempted": True, "tokens_seen": progress.tokens_seen}
+    preemption.close()
     checkpointer.close()
     writer.close()
     if not eval_result:  # a finished run restarted: nothing left to train, report where it is
@@ -240,6 +330,7 @@ def train(cfg: Config) -> dict[str, Any]:
         "final_train_loss": progress.last_loss,
         **eval_result,
         "unigram_entropy": pipeline.unigram_entropy(data.held_out[0].docs, tokenizer),
+        "state_hash": state_hash(state),
         "compile_s": steps.compile_s,
         "train_s": progress.elapsed(),
         "wall_s": time.perf_counter() - wall_start,
@@ -256,7 +347,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
 
 class Progress:
-    """Turns each step's device metrics into logs: NaN check, token count, window averages."""
+    """Turns each step's device metrics into logs: token counts, window averages, records."""
 
     def __init__(
         self,
@@ -281,44 +372,79 @@ class Progress:
     def elapsed(self) -> float:
         return time.perf_counter() - self._start
 
-    def log(self, step: int, metrics: Any) -> None:
-        record = self.collect(step, metrics)
+    def log(self, step: int, metrics: Any) -> dict[str, float]:
+        """Account for a step and write its record at logging steps; its values."""
+        values = self.collect(step, metrics)
+        record = self.record(step, values)
         if record is not None:
             self.writer.write(step, record)
+        return values
 
-    def collect(self, step: int, metrics: Any) -> dict[str, float] | None:
-        """Account for one step; at logging steps print a progress line and return the record."""
+    def collect(self, step: int, metrics: Any) -> dict[str, float]:
+        """Account for one step (tokens seen, loss window); its metric values."""
         values = jax.device_get(metrics)
         by_source = values.pop("source_tokens", None)
         values = {key: float(value) for key, value in values.items()}
         if by_source is not None:
             for name, count in zip(self.source_tokens, by_source, strict=True):
                 self.source_tokens[name] += float(count)
-        for key in ("loss", "grad_norm"):
-            if not math.isfinite(values[key]):
-                raise FloatingPointError(f"{key} is {values[key]} at step {step}")
         self.tokens_seen += values["tokens"]
-        self.last_loss = values["loss"]
-        self._window_losses.append(values["loss"])
+        if math.isfinite(values["loss"]):
+            self.last_loss = values["loss"]
+            self._window_losses.append(values["loss"])
         self._window_tokens += values["tokens"]
         self.throughput.add(self.cfg.train.tokens_per_step)
+        return values
+
+    def record(self, step: int, values: dict[str, float]) -> dict[str, float] | None:
+        """At logging steps: print a progress line and return the record of the window."""
         if step % self.cfg.metrics.log_every_steps and step != self.cfg.train.steps:
             return None
-        window_capacity = len(self._window_losses) * self.cfg.train.tokens_per_step
+        window_steps = max(len(self._window_losses), 1)
         record = {
             **values,
-            "loss_avg": sum(self._window_losses) / len(self._window_losses),
-            "packing_efficiency": self._window_tokens / window_capacity,
+            "loss_avg": sum(self._window_losses) / window_steps,
+            "packing_efficiency": self._window_tokens
+            / (window_steps * self.cfg.train.tokens_per_step),
             "tokens_seen": self.tokens_seen,
             **self.throughput.report(),
         }
-        if by_source is not None:
+        if len(self.source_tokens) > 1:
             record.update({f"tokens_seen/{n}": t for n, t in self.source_tokens.items()})
         self._window_losses = []
         self._window_tokens = 0.0
-        eta = self.elapsed() / (step - self.start_step) * (self.cfg.train.steps - step)
+        eta = self.elapsed() / max(step - self.start_step, 1) * (self.cfg.train.steps - step)
         log(format_progress(step, self.cfg.train.steps, record, eta))
         return record
+
+    def rewind(self, step: int, tokens_seen: float, source_tokens: dict[str, float]) -> None:
+        """Training went back to the checkpoint of `step`: its counts, its records."""
+        self.tokens_seen = float(tokens_seen)
+        self.source_tokens = {name: 0.0 for name in self.cfg.data.sources} | source_tokens
+        self._window_losses = []
+        self._window_tokens = 0.0
+        self.writer.rewind(step)
+
+
+class Events:
+    """`<run.dir>/events.jsonl`: what the run did besides training (skipped updates, restores
+    and the batches skipped, preemption), one JSON object per line; process 0 writes."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "events.jsonl"
+
+    def write(self, step: int, event: str, **details: Any) -> None:
+        if jax.process_index() == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, "event": event, **details}) + "\n")
+
+
+def describe_batch(batch: dict[str, Any], index: int, names: list[str]) -> dict[str, Any]:
+    """A skipped batch: its index in the data stream and this process's rows per source."""
+    if "source" in batch:
+        rows = np.bincount(batch["source"][:, 0], minlength=len(names))
+        return {"index": index, "rows": {n: int(r) for n, r in zip(names, rows, strict=True)}}
+    return {"index": index, "rows": {names[0]: int(batch["tokens"].shape[0])}}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -328,6 +454,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except (StabilityError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -96,10 +96,19 @@ def make_train_step(
         grads = jax.tree_util.tree_map(lambda g: g / tokens, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        loss, grad_norm = sums.cross_entropy / tokens, optax.tree.norm(grads)
+        # a non-finite step changes nothing (the step count moves on: the batch was consumed)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old),
+            (params, opt_state),
+            (state.params, state.opt_state),
+        )
         metrics = {
-            "loss": sums.cross_entropy / tokens,
+            "loss": loss,
             "z_loss": sums.z_loss / tokens,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
+            "update_applied": finite.astype(jnp.float32),
             "param_norm": optax.tree.norm(params),
             "lr": jnp.asarray(schedule(state.step), jnp.float32),
             "tokens": jnp.sum(batch["segment_ids"] != 0, dtype=jnp.float32),

@@ -13,5 +13,14 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
+import pytest
 
 jax.config.update("jax_threefry_partitionable", True)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The learnable code-like corpus of tests/training.py, and a tokenizer cache beside it."""
+    from training import write_corpus
+
+    return write_corpus(tmp_path_factory.mktemp("corpus"), tmp_path_factory.mktemp("tokenizers"))

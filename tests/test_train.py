@@ -8,12 +8,9 @@ held-out split (and the exact losses) vary from session to session; the bounds l
 
 import json
 import math
-import os
-import random
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,71 +18,19 @@ import numpy as np
 import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from training import (
+    MODEL_VOCAB,
+    TOKENIZER_VOCAB,
+    Run,
+    cli,
+    overrides,
+    read_jsonl,
+    write_config,
+)
 
 from maxlm import config, estimate, optim
 from maxlm.config import ConfigError
 from maxlm.train import main, train
-
-TOKENIZER_VOCAB = 300
-MODEL_VOCAB = 320
-NAMES = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
-VERBS = ["reads", "writes", "counts", "sorts"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """4 files of 100 code-like lines (one document per line) with a learnable template."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    for part in range(4):
-        lines = []
-        for _ in range(100):
-            a, b, verb = rng.choice(NAMES), rng.choice(NAMES), rng.choice(VERBS)
-            n = rng.randint(1, 9)
-            lines.append(f"def {a}_{verb}(x): return {b}(x) + {n} # the {a} {verb} the {b}")
-        (root / f"part{part}.txt").write_text("\n".join(lines) + "\n")
-    return {"glob": str(root / "*.txt"), "cache": str(tmp_path_factory.mktemp("tokenizers"))}
-
-
-def overrides(corpus, run_dir, *extra: str) -> list[str]:
-    """A tiny model on the corpus; constant lr after 2 warmup steps, so that runs of different
-    lengths follow the same trajectory."""
-    return [
-        f"run.dir={run_dir}",
-        "data.sources.corpus.kind=text_files",
-        f"data.sources.corpus.paths=[{corpus['glob']}]",
-        "data.sources.corpus.document_per=line",
-        f"data.tokenizer.vocab_size={TOKENIZER_VOCAB}",
-        f"data.tokenizer.cache_dir={corpus['cache']}",
-        "data.eval_fraction=0.1",
-        f"model.vocab_size={MODEL_VOCAB}",
-        "model.d_model=64",
-        "model.num_layers=2",
-        "model.num_heads=4",
-        "model.mlp_dim=128",
-        "optim.lr=3e-3",
-        "optim.schedule.kind=constant",
-        "optim.schedule.warmup_steps=2",
-        "train.seq_len=64",
-        "train.global_batch_size=8",
-        "eval.batches=2",
-        *extra,
-    ]
-
-
-class Run(NamedTuple):
-    cfg: config.Config
-    dir: Path
-    summary: dict
-    train: list[dict]  # metrics.jsonl records of training steps
-    eval: list[dict]  # and of evaluations
-
-
-def read_jsonl(run_dir) -> tuple[list[dict], list[dict]]:
-    """(train records, eval records) of a run's metrics.jsonl."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if "loss" in r], [r for r in records if "eval_loss" in r]
-
 
 # --------------------------------------------------------------------------- the main run
 
@@ -179,25 +124,6 @@ def test_tensorboard_has_the_logged_scalars(run):
 
 
 # --------------------------------------------------------------------------- command line
-
-
-def cli(args: list[str], cwd: Path, devices: int = 1) -> subprocess.CompletedProcess:
-    """`python -m maxlm.train ARGS` on `devices` fake CPU devices, compiled at XLA's lowest
-    optimization level: compiling dominates these small runs (about 2x faster this way)."""
-    flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
-    return subprocess.run(
-        [sys.executable, "-m", "maxlm.train", *args],
-        cwd=cwd,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def write_config(path: Path, cfg: config.Config) -> Path:
-    path.write_text(cfg.to_yaml())
-    return path
 
 
 class CliRun(NamedTuple):
@@ -301,9 +227,10 @@ def test_config_error_found_during_the_run_exits_2(corpus, tmp_path, capsys):
     )
 
 
-def test_nan_loss_fails_fast_naming_the_step(corpus, tmp_path):
-    """lr 1e6 without clipping: the run stops with FloatingPointError at the first non-finite
-    loss or gradient norm, having logged every step before it and written no summary."""
+def test_non_finite_steps_change_nothing_until_the_run_gives_up(corpus, tmp_path):
+    """lr 1e6 without clipping: once a step's loss or gradient norm is not finite its update is
+    not applied (events.jsonl says so); after stability.max_recoveries of them the run stops
+    with a one-line error naming the keys, exit code 1, and writes no summary."""
     cfg = config.load(
         None,
         overrides(
@@ -315,20 +242,24 @@ def test_nan_loss_fails_fast_naming_the_step(corpus, tmp_path):
             "eval.every_steps=0",
             "metrics.log_every_steps=1",
             "metrics.tensorboard=false",
+            "stability.max_recoveries=3",
         ),
     )
     result = cli([f"--config={write_config(tmp_path / 'run.yaml', cfg)}"], cwd=tmp_path)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     match = re.fullmatch(
-        r"FloatingPointError: (loss|grad_norm) is (nan|inf|-inf) at step (\d+)", last
+        r"error: giving up at step (\d+): 4 recoveries in steps \[.*\] exceed "
+        r"stability\.max_recoveries=3 within stability\.recovery_window_steps=1000 .*",
+        last,
     )
     assert match, result.stderr[-3000:]
-    nan_step = int(match.group(3))
-    assert 1 <= nan_step < 20
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").open()]
+    assert [e["event"] for e in events] == ["skip_update"] * 3
+    assert all("non-finite" in e["reason"] for e in events)
     train_records, _ = read_jsonl(tmp_path / "run")
-    assert [r["step"] for r in train_records] == list(range(1, nan_step))
-    assert all(math.isfinite(r["loss"]) for r in train_records)
+    first_bad = events[0]["step"]
+    assert all(math.isfinite(r["loss"]) for r in train_records if r["step"] < first_bad)
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
