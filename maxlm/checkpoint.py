@@ -79,6 +79,7 @@ class Checkpointer:
         self.every_steps = cfg.every_steps
         self.directory = (run_dir / "checkpoints").absolute()
         self.quarantine = (run_dir / "checkpoints-quarantine").absolute()
+        self._saving: int | None = None  # the step of the newest save started
         try:
             self._manager = ocp.CheckpointManager(
                 self.directory,
@@ -105,6 +106,7 @@ class Checkpointer:
         """Start writing step `step` (asynchronously); errors of an earlier save surface here.
         `progress` is small JSON kept beside the state (tokens seen, tokenizer, config...)."""
         checksums = state_checksums(state)
+        self._saving = step
         try:
             self._manager.save(
                 step,
@@ -127,8 +129,9 @@ class Checkpointer:
 
     def _write_error(self, step: int, err: BaseException) -> CheckpointError:
         return CheckpointError(
-            f"checkpoint: writing to {self.directory} failed (noticed at step {step}): "
-            f"{type(err).__name__}: {err}; the checkpoints already committed are intact"
+            f"checkpoint: writing step {self._saving} to {self.directory} failed (noticed at "
+            f"step {step}): {type(err).__name__}: {err}; the checkpoints already committed are "
+            "intact"
         )
 
     def progress(self, step: int) -> dict[str, Any]:

@@ -5,7 +5,11 @@ step on the same data (per-step trace of loss bits and batch hashes).
 """
 
 import json
+import os
+import re
 import signal
+import subprocess
+import sys
 
 import pytest
 from training import cli, overrides, write_config
@@ -89,3 +93,36 @@ def test_sigterm_saves_exits_0_and_the_rerun_finishes_exactly(corpus, tmp_path, 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["state_hash"] == uninterrupted[0]
     assert trace_of(tmp_path / "trace.jsonl") == uninterrupted[1]
+
+
+@pytest.mark.slow
+def test_full_disk_stops_with_the_path_and_keeps_the_committed_checkpoints(
+    corpus, tmp_path, uninterrupted
+):
+    """Files capped at 150 KB (`ulimit -f`; a checkpoint of the tiny model is 1.4 MB): the first
+    save that cannot be written stops the run at the next step with an error naming the path;
+    the checkpoints committed before stay intact and a rerun with room finishes exactly."""
+    config_file, run_dir = setup(corpus, tmp_path, "run")
+    trace = tmp_path / "trace.jsonl"
+    env = {"MAXLM_TRACE": str(trace)}
+    first = cli([f"--config={config_file}", "train.steps=3"], cwd=tmp_path, devices=2, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    capped = subprocess.run(
+        ["bash", "-c", f"ulimit -f 150 && {sys.executable} -m maxlm.train --config={config_file}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "MAXLM_TRACE": str(trace),
+             "XLA_FLAGS": "--xla_force_host_platform_device_count=2 "
+                          "--xla_backend_optimization_level=0"},
+    )  # fmt: skip
+    assert capped.returncode == 1
+    last = capped.stderr.strip().splitlines()[-1]
+    assert re.match(rf"error: checkpoint: writing step \d+ to {run_dir / 'checkpoints'} failed "
+                    r"\(noticed at step \d+\): .*File too large", last), last  # fmt: skip
+    committed = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()
+                       if p.name.isdigit())  # fmt: skip
+    assert committed == [3]
+    resumed = run(config_file, tmp_path, trace)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["state_hash"] == uninterrupted[0]
+    assert trace_of(trace) == uninterrupted[1]
