@@ -623,9 +623,12 @@ class StabilityConfig(Section):
         100, "Batches skipped after restoring the last good checkpoint on a spike.", ge=0
     )
     max_recoveries: int = _field(
-        5, "Give up after this many recoveries (spikes or non-finite steps) ...", ge=0
+        5,
+        "Stop the run when more recoveries (spikes or non-finite steps) than this fall within "
+        "recovery_window_steps.",
+        ge=0,
     )
-    recovery_window_steps: int = _field(1000, "... within this many steps.", gt=0)
+    recovery_window_steps: int = _field(1000, "The window of max_recoveries, in steps.", gt=0)
 
 
 class MetricsConfig(Section):
