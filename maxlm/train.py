@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -456,7 +458,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2) from None
     except (StabilityError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
+        exit_without_peers(1)
         raise SystemExit(1) from None
+    except Exception:
+        if jax.distributed.is_initialized():  # else Python prints it on the way out
+            traceback.print_exc()
+        exit_without_peers(1)
+        raise
+
+
+def exit_without_peers(code: int) -> None:
+    """In a multi-process job, exit now: JAX's exit-time shutdown barrier would wait for a dead
+    (or still running) peer until the heartbeat timeout, 100 s, before the gang can restart."""
+    if jax.distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":
