@@ -8,9 +8,11 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from training import cli, overrides, write_config
 
@@ -126,3 +128,26 @@ def test_full_disk_stops_with_the_path_and_keeps_the_committed_checkpoints(
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["state_hash"] == uninterrupted[0]
     assert trace_of(trace) == uninterrupted[1]
+
+
+@pytest.mark.slow
+def test_resume_on_another_mesh_continues_the_run(corpus, tmp_path, uninterrupted):
+    """Saved on (data 2), resumed on (tensor 2): the restore reshards the state, and every
+    later step follows the uninterrupted run to float32 rounding (another mesh sums in
+    another order, so bits may differ)."""
+    config_file, run_dir = setup(corpus, tmp_path, "run")
+    trace = tmp_path / "trace.jsonl"
+    first = run(config_file, tmp_path, trace, kill_at_step=7)
+    assert first.returncode == -signal.SIGKILL
+    other_mesh = ["mesh.data=1", "mesh.tensor=2"]
+    resumed = cli([f"--config={config_file}", *other_mesh], cwd=tmp_path, devices=2,
+                  env={"MAXLM_TRACE": str(trace)})  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "mesh {'data': 1, 'fsdp': 1, 'tensor': 2}" in resumed.stdout
+    assert "resumed from the checkpoint of step" in resumed.stdout
+    got, want = trace_of(trace), uninterrupted[1]
+    assert [got[s][1] for s in sorted(got)] == [want[s][1] for s in sorted(want)], "same data"
+    losses = [struct.unpack("<f", struct.pack("<I", got[s][0]))[0] for s in sorted(got)]
+    expected = [struct.unpack("<f", struct.pack("<I", want[s][0]))[0] for s in sorted(want)]
+    np.testing.assert_allclose(losses, expected, rtol=1e-5)
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == STEPS
