@@ -112,7 +112,8 @@ class MeshConfig(Section):
 class DistributedConfig(Section):
     enabled: Literal["auto", "on", "off"] = _field(
         "auto",
-        "Call jax.distributed.initialize: auto = when a coordinator is configured or on a TPU pod.",
+        "Call jax.distributed.initialize: auto = when a coordinator is configured, on a TPU "
+        "pod, or in a SLURM job of several tasks.",
     )
     coordinator_address: str | None = _field(None, "host:port of process 0 (multi-process runs).")
     num_processes: int | None = _field(None, "Number of processes in the job.", ge=1)

@@ -17,7 +17,11 @@ def initialize_distributed(cfg: DistributedConfig) -> None:
     """Join the multi-process job before any device is touched (no-op for one process)."""
     configured = cfg.coordinator_address is not None or "JAX_COORDINATOR_ADDRESS" in os.environ
     on_tpu_pod = "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"]
-    if cfg.enabled == "off" or (cfg.enabled == "auto" and not (configured or on_tpu_pod)):
+    # JAX's own cluster detection fills in a SLURM job's coordinator, count and rank
+    in_slurm_job = int(os.environ.get("SLURM_NTASKS", "1") or "1") > 1
+    if cfg.enabled == "off" or (
+        cfg.enabled == "auto" and not (configured or on_tpu_pod or in_slurm_job)
+    ):
         return
     if jax.distributed.is_initialized():
         return

@@ -140,3 +140,28 @@ def test_bad_global_batch_names_the_key():
     cfg = config.load(None, ["train.global_batch_size=6"])
     with pytest.raises(ConfigError, match=r"train\.global_batch_size: 6 is not divisible"):
         check_batch(cfg, 4)
+
+
+@pytest.mark.parametrize(
+    ("env", "enabled", "joins"),
+    [
+        ({}, "auto", False),
+        ({"SLURM_NTASKS": "1"}, "auto", False),
+        ({"SLURM_NTASKS": "4"}, "auto", True),  # JAX's SLURM detection fills in the rest
+        ({"TPU_WORKER_HOSTNAMES": "w0,w1"}, "auto", True),
+        ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, "auto", True),
+        ({"SLURM_NTASKS": "4"}, "off", False),
+        ({}, "on", True),
+    ],
+)
+def test_when_a_run_joins_a_multi_process_job(monkeypatch, env, enabled, joins):
+    calls = []
+    for key in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.config, "update", lambda *args: None)
+    mesh_lib.initialize_distributed(config.DistributedConfig(enabled=enabled))
+    assert bool(calls) == joins
