@@ -36,29 +36,13 @@ from typing import Any
 import grain
 import jax
 
-from maxlm import config, mesh as mesh_lib, state as state_lib, train_step
+from maxlm import state as state_lib
 from maxlm.checkpoint import Checkpointer
-from maxlm.data.synthetic import packed_batch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import SHAPES
+from train_throughput import build_shape
 
 PROGRESS = {"tokens_seen": 0, "batches_consumed": 0, "note": "benchmarks/checkpoint.py"}
-
-
-def setup(name: str, overrides: list[str]) -> tuple[Any, Any, Any, dict[str, jax.Array]]:
-    """(cfg, built steps, initial state, device batch) for a shape, as the trainer builds them."""
-    cfg = config.load(None, [*SHAPES[name], "model.dtype=float32", "mesh.data=1", *overrides])
-    mesh = mesh_lib.make(cfg.mesh, jax.devices()[:1])
-    built = train_step.build(cfg, mesh)
-    state = state_lib.init(cfg, built.optimizer, built.blueprint)
-    batch = {
-        key: jax.device_put(value, built.batch_sharding)
-        for key, value in packed_batch(
-            cfg.train.global_batch_size, cfg.train.seq_len, cfg.model.vocab_size, seed=0
-        ).items()
-    }
-    return cfg, built, state, batch
 
 
 def new_iterator() -> Any:
@@ -71,7 +55,7 @@ def dir_bytes(path: Path) -> int:
 
 def save_restore(name: str, reps: int) -> dict[str, float]:
     """Median save (blocking, total) and restore seconds and the checkpoint's bytes."""
-    cfg, built, state, batch = setup(name, [])
+    cfg, built, state, batch = build_shape(name, ["model.dtype=float32"])
     for _ in range(2):  # non-zero AdamW moments: zeros would compress to nothing
         state, metrics = built.train(state, batch)
     jax.block_until_ready(metrics)
@@ -143,7 +127,7 @@ def loop_overhead(
     """Mean step time with no saving and with saving every K steps: each configuration runs
     `steps` steps (its own step numbers 1..steps), in segments of `segment` steps that
     alternate between the configurations (A B C A B C ...) to cancel machine drift."""
-    cfg, built, state, batch = setup("tiny", ["checkpoint.keep=2"])
+    cfg, built, state, batch = build_shape("tiny", ["model.dtype=float32", "checkpoint.keep=2"])
     iterator = new_iterator()
     configs = [0, *intervals]
     seconds = dict.fromkeys(configs, 0.0)

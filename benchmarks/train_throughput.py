@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 
@@ -24,8 +26,12 @@ SHAPES = {
 }
 
 
-def measure(name: str, steps: int, dtype: str) -> dict[str, float]:
-    cfg = config.load(None, [*SHAPES[name], f"model.dtype={dtype}", "mesh.data=1"])
+def build_shape(
+    name: str, overrides: Sequence[str] = ()
+) -> tuple[config.Config, train_step.Steps, Any, dict[str, jax.Array]]:
+    """(cfg, compiled steps, initial state, device batch) of a shape on one device, built by
+    the trainer's own code path."""
+    cfg = config.load(None, [*SHAPES[name], "mesh.data=1", *overrides])
     mesh = mesh_lib.make(cfg.mesh, jax.devices()[:1])
     built = train_step.build(cfg, mesh)
     state = state_lib.init(cfg, built.optimizer, built.blueprint)
@@ -35,6 +41,11 @@ def measure(name: str, steps: int, dtype: str) -> dict[str, float]:
             cfg.train.global_batch_size, cfg.train.seq_len, cfg.model.vocab_size, seed=0
         ).items()
     }
+    return cfg, built, state, batch
+
+
+def measure(name: str, steps: int, dtype: str) -> dict[str, float]:
+    cfg, built, state, batch = build_shape(name, [f"model.dtype={dtype}"])
     for _ in range(3):
         state, metrics = built.train(state, batch)
     jax.block_until_ready(metrics)

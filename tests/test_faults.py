@@ -14,18 +14,11 @@ import sys
 
 import numpy as np
 import pytest
-from training import cli, overrides, write_config
+from training import cli, committed_steps, overrides, trace_of, write_config
 
 from maxlm import config
 
 STEPS = 10
-
-
-def trace_of(path):
-    """step -> (loss bits, batch hash), the last line per step winning (a rerun repeats the
-    steps after its checkpoint)."""
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
-    return {line["step"]: (line["loss_bits"], line["batch"]) for line in lines}
 
 
 def setup(corpus, tmp_path, name):
@@ -67,7 +60,7 @@ def test_sigkill_then_rerun_ends_in_the_uninterrupted_state(corpus, tmp_path, un
     assert killed.returncode == -signal.SIGKILL
     assert not (run_dir / "summary.json").exists()
     # a save the kill tore is never listed (orbax renames a step only once it is complete)
-    committed = [int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
+    committed = committed_steps(run_dir)
     resumed = run(config_file, tmp_path, tmp_path / "trace.jsonl")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     if committed:
@@ -120,8 +113,7 @@ def test_full_disk_stops_with_the_path_and_keeps_the_committed_checkpoints(
     last = capped.stderr.strip().splitlines()[-1]
     assert re.match(rf"error: checkpoint: writing step \d+ to {run_dir / 'checkpoints'} failed "
                     r"\(noticed at step \d+\): .*File too large", last), last  # fmt: skip
-    committed = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()
-                       if p.name.isdigit())  # fmt: skip
+    committed = committed_steps(run_dir)
     assert committed == [3]
     resumed = run(config_file, tmp_path, trace)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 import portpicker
 import pytest
-from training import overrides, read_jsonl, write_config
+from training import committed_steps, overrides, read_jsonl, trace_of, write_config
 
 from maxlm import config
 
@@ -45,12 +45,6 @@ class Exit(NamedTuple):
     stdout: str
     stderr: str
     at_s: float  # when the process ended, seconds after the launch
-
-
-def trace_of(path: Path) -> dict[int, tuple[int, str]]:
-    """step -> (loss bits, process 0's batch hash); a rerun's lines win over the earlier run's."""
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
-    return {line["step"]: (line["loss_bits"], line["batch"]) for line in lines}
 
 
 def run_config(corpus, run_dir: Path, *extra: str) -> config.Config:
@@ -113,10 +107,6 @@ def launch(corpus, run_dir: Path, logs: Path, envs: list[dict[str, str]]) -> lis
 def assert_ok(exits: list[Exit]) -> None:
     for i, e in enumerate(exits):
         assert e.returncode == 0, f"process {i} exited {e.returncode}:\n{e.stderr[-3000:]}"
-
-
-def committed_steps(run_dir: Path) -> list[int]:
-    return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
 
 
 def iterator_states(run_dir: Path, step: int) -> list[str]:

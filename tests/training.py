@@ -89,3 +89,15 @@ def cli(
 def write_config(path: Path, cfg: config.Config) -> Path:
     path.write_text(cfg.to_yaml())
     return path
+
+
+def trace_of(path: Path) -> dict[int, tuple[int, str]]:
+    """step -> (loss bits, process 0's batch hash) of a MAXLM_TRACE file; a rerun's lines win
+    over the earlier run's (it repeats the steps after its checkpoint)."""
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    return {line["step"]: (line["loss_bits"], line["batch"]) for line in lines}
+
+
+def committed_steps(run_dir: Path) -> list[int]:
+    """The checkpoint steps of a run that orbax committed (a torn save is never listed)."""
+    return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())

@@ -50,10 +50,7 @@ def load(cfg: Config) -> RunData:
     train_sources, held_out = [], []
     for name, (train, evaluation) in splits.items():
         key = f"data.sources.{name}.objective"
-        try:
-            objective = pipeline.build_objective(data.sources[name].objective, tokenizer, key)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        objective = pipeline.build_objective(data.sources[name].objective, tokenizer, key)
         train_sources.append(pipeline.Source(name, train, objective))
         held_out.append(pipeline.Source(name, evaluation, objective))
     return RunData(train_sources, held_out, tokenizer)

@@ -28,7 +28,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from maxlm.config import ObjectiveKind
+from maxlm.config import ConfigError, ObjectiveKind
 from maxlm.data import objectives as objectives_lib
 from maxlm.data.sources import Documents
 from maxlm.data.tokenizer import Tokenizer
@@ -62,9 +62,9 @@ class Layout:
 
     def __post_init__(self) -> None:
         if self.add_bos and self.tokenizer.bos_id is None:
-            raise ValueError("data.add_bos: the tokenizer has no BOS token")
+            raise ConfigError("data.add_bos: the tokenizer has no BOS token")
         if self.add_eos and self.tokenizer.eos_id is None:
-            raise ValueError("data.add_eos: the tokenizer has no EOS token")
+            raise ConfigError("data.add_eos: the tokenizer has no EOS token")
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -87,7 +87,7 @@ def build_objective(cfg: ObjectiveKind, tokenizer: Tokenizer, key: str) -> Objec
     def token(name: str, field: str) -> int:
         token_id = tokenizer.token_id(name)
         if token_id is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{key}.{field}: the tokenizer has no token {name!r} (train_bpe tokenizers "
                 "reserve the objectives' tokens; add it to a tokenizer file you bring)"
             )
@@ -446,7 +446,11 @@ def unigram_entropy(docs: Documents, tokenizer: Tokenizer, max_docs: int = 2000)
     """Entropy (nats/token) of the unigram distribution of the first `max_docs` documents'
     tokens: the loss of a model that ignores context, the baseline to beat."""
     picked = [docs[i] for i in range(min(max_docs, len(docs)))]
-    ids = np.concatenate([_token_ids(d, tokenizer).astype(np.int64) for d in picked])
+    texts = [d for d in picked if isinstance(d, str)]  # tokenized in one parallel batch
+    ids = np.concatenate(
+        [np.asarray(t, np.int64) for t in tokenizer.encode_batch(texts)]
+        + [np.asarray(d, np.int64) for d in picked if not isinstance(d, str)]
+    )
     counts = np.bincount(ids)
     p = counts[counts > 0] / ids.size
     return float(-(p * np.log(p)).sum())
