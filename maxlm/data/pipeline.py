@@ -257,7 +257,11 @@ def document_stream(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if len(docs) < process_count:
-        raise ValueError(f"{len(docs)} document(s) cannot feed {process_count} process(es)")
+        raise ConfigError(
+            f"data.sources: a source with {len(docs)} document(s) (train or held-out side) "
+            f"cannot feed {process_count} process(es); add documents or change "
+            "data.eval_fraction"
+        )
     ds = grain.MapDataset.source(docs)
     if shuffle_seed is not None:
         ds = ds.shuffle(seed=_shuffle_seed(shuffle_seed))
