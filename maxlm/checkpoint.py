@@ -10,13 +10,14 @@ never a silent fresh start.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,13 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from maxlm.config import CheckpointConfig, ConfigError
+from maxlm import config as config_lib, state as state_lib
+from maxlm.config import CheckpointConfig, Config, ConfigError
+from maxlm.data import sources
+from maxlm.data.tokenizer import HuggingFaceTokenizer, Tokenizer, load_tokenizer, read_tokenizer
 from maxlm.state import Blueprint, TrainState
+
+CONFIG_FILE = "config.yaml"  # a run's resolved config, beside its checkpoints/
 
 
 class CheckpointError(RuntimeError):
@@ -259,9 +265,9 @@ class PreemptionWatch:
         self._previous = {}
 
 
-def load_params(path: str, blueprint: Blueprint) -> Any:
-    """The parameters of the checkpoint step directory `path` (init_from), placed with the
-    blueprint's shardings; the optimizer state there is not read."""
+def load_params(path: str | Path, abstract_params: Any, shardings: Any) -> Any:
+    """The parameters of the checkpoint step directory `path` (init_from, a converted model),
+    placed with `shardings`; the optimizer state there is not read."""
     directory = Path(path).expanduser().absolute()
     if not (directory / "state").is_dir():
         raise ConfigError(
@@ -270,8 +276,8 @@ def load_params(path: str, blueprint: Blueprint) -> Any:
         )
     target = jax.tree.map(
         lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-        blueprint.abstract.params,
-        blueprint.shardings.params,
+        abstract_params,
+        shardings,
     )
     restore_args = jax.tree.map(
         lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding, dtype=leaf.dtype), target
@@ -290,3 +296,64 @@ def load_params(path: str, blueprint: Blueprint) -> Any:
             f"checkpoint.init_from: the parameters in {directory} do not fit this model: {err}"
         ) from None
     return restored["params"]
+
+
+def tokenizer_filename(tokenizer: Tokenizer) -> str:
+    """The name a run or a converted model gives its tokenizer file (Hugging Face's names)."""
+    return "tokenizer.json" if isinstance(tokenizer, HuggingFaceTokenizer) else "tokenizer.model"
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedModel:
+    """A model to run: the step directory holding `state/`, the config it was trained (or
+    converted) with, and the tokenizer file saved beside it, if any."""
+
+    directory: Path
+    config: Config
+    tokenizer_file: Path | None
+
+    def tokenizer(self) -> Tokenizer:
+        """The saved tokenizer file, else the one the config names (a trained BPE is cached)."""
+        if self.tokenizer_file is not None:
+            return read_tokenizer(self.tokenizer_file)
+        data = self.config.data
+        if data.tokenizer.kind == "train_bpe":
+            raise ConfigError(
+                f"data.tokenizer: {self.directory} has no tokenizer file beside it and its "
+                "tokenizer was trained at run time; give one with data.tokenizer.kind/path"
+            )
+        return load_tokenizer(data.tokenizer, sources.concat([]))
+
+    def params(self, shardings: Any = None) -> Any:
+        """The parameters as a pure dict: on one device, or placed with `shardings`."""
+        abstract = state_lib.abstract_params(self.config.model)
+        if shardings is None:
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            shardings = jax.tree.map(lambda _: device, abstract)
+        return load_params(self.directory, abstract, shardings)
+
+
+def open_model(path: str | Path, overrides: Sequence[str] = ()) -> SavedModel:
+    """The model at `path`: a run directory (its newest checkpoint), a checkpoint step directory
+    `<run.dir>/checkpoints/<step>`, or a converted model (`python -m maxlm.convert`).
+    `overrides` (`model.dtype=bfloat16`, ...) apply to the saved config."""
+    path = Path(path).expanduser().absolute()
+    if (path / "checkpoints").is_dir():
+        steps = sorted(int(p.name) for p in (path / "checkpoints").iterdir() if p.name.isdigit())
+        if not steps:
+            raise ConfigError(f"checkpoint: {path / 'checkpoints'} holds no checkpoint")
+        path = path / "checkpoints" / str(steps[-1])
+    if not (path / "state").is_dir():
+        raise ConfigError(
+            f"checkpoint: {path} is neither a run directory, a checkpoint step directory nor a "
+            "converted model (none has a state/ folder there)"
+        )
+    home = path if (path / CONFIG_FILE).is_file() else path.parent.parent
+    if not (home / CONFIG_FILE).is_file():
+        raise ConfigError(f"checkpoint: no {CONFIG_FILE} in {path} or {home}")
+    tokenizers = [home / name for name in ("tokenizer.json", "tokenizer.model")]
+    return SavedModel(
+        directory=path,
+        config=config_lib.load(str(home / CONFIG_FILE), overrides),
+        tokenizer_file=next((f for f in tokenizers if f.is_file()), None),
+    )

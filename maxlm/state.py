@@ -42,6 +42,18 @@ def split_params(model: Llama) -> tuple[nnx.GraphDef, Any]:
     return graphdef, nnx.to_pure_dict(params)
 
 
+def abstract_params(cfg: ModelConfig) -> Any:
+    """Shapes and dtypes of the parameters (a pure dict), without allocating them."""
+    return split_params(nnx.eval_shape(lambda: build_model(cfg, 0)))[1]
+
+
+def model_from_params(cfg: ModelConfig, params: Any, constrain: Constrain | None = None) -> Llama:
+    """A Llama holding `params` (a pure dict as `split_params` gives)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(cfg, 0, constrain)), nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
 def logical_names(model: Llama) -> Any:
     """PartitionSpecs of logical axis names, shaped like `split_params(model)[1]`."""
     return nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(model, nnx.Param)))

@@ -23,11 +23,13 @@ from maxlm import (
     train_step,
 )
 from maxlm.checkpoint import (
+    CONFIG_FILE,
     Checkpointer,
     CheckpointError,
     PreemptionWatch,
     load_params,
     state_hash,
+    tokenizer_filename,
 )
 from maxlm.config import Config, ConfigError
 from maxlm.data import global_batch, mixture, pipeline
@@ -95,8 +97,8 @@ def train(cfg: Config) -> dict[str, Any]:
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    log(f"# resolved config (saved to {run_dir / 'config.yaml'})\n{cfg.to_yaml()}")
+        (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
+    log(f"# resolved config (saved to {run_dir / CONFIG_FILE})\n{cfg.to_yaml()}")
 
     mesh = mesh_lib.make(cfg.mesh)
     check_batch(cfg, mesh_lib.data_parallel_size(mesh))
@@ -113,6 +115,8 @@ def train(cfg: Config) -> dict[str, Any]:
             f"{len(held_out.docs)} held-out documents"
         )
     log(f"tokenizer: {tokenizer.vocab_size} tokens ({tokenizer.fingerprint[:12]})")
+    if jax.process_index() == 0:  # beside the checkpoints, so generate and eval need no config
+        tokenizer.save(run_dir / tokenizer_filename(tokenizer))
 
     steps = train_step.build(cfg, mesh)
     blue, batch_sharding = steps.blueprint, steps.batch_sharding
@@ -204,7 +208,11 @@ def train(cfg: Config) -> dict[str, Any]:
         start, saved = 0, {}
         state = state_lib.init(cfg, steps.optimizer, blue)
         if cfg.checkpoint.init_from:
-            state = state.replace(params=load_params(cfg.checkpoint.init_from, blue))
+            state = state.replace(
+                params=load_params(
+                    cfg.checkpoint.init_from, blue.abstract.params, blue.shardings.params
+                )
+            )
             log(f"parameters from {cfg.checkpoint.init_from}; fresh optimizer and schedule")
     batches_consumed = int(saved.get("batches_consumed", start))
 

@@ -140,7 +140,9 @@ def test_init_from_loads_parameters_only_and_retention_keeps_every_mth(corpus, t
                  f"checkpoint.init_from={tmp_path / 'a' / 'checkpoints' / '8'}")  # fmt: skip
     mesh = mesh_lib.make(b.mesh)
     built = train_step.build(b, mesh)
-    params = load_params(b.checkpoint.init_from, built.blueprint)
+    params = load_params(
+        b.checkpoint.init_from, built.blueprint.abstract.params, built.blueprint.shardings.params
+    )
     saved = ocp.StandardCheckpointer().restore(tmp_path / "a" / "checkpoints" / "8" / "state")
     loaded, on_disk = jax.tree.leaves(params), jax.tree.leaves(saved["params"])
     assert len(loaded) == len(on_disk) > 0
@@ -152,7 +154,11 @@ def test_init_from_loads_parameters_only_and_retention_keeps_every_mth(corpus, t
     assert b_records[0]["lr"] < a_records[8]["lr"], "a fresh schedule warms up again"
     assert b_records[0]["loss"] < a_records[0]["loss"] - 0.5, "it starts from trained weights"
     with pytest.raises(config.ConfigError, match=r"checkpoint\.init_from: .* not a checkpoint"):
-        load_params(str(tmp_path / "a"), built.blueprint)
+        load_params(
+            str(tmp_path / "a"),
+            built.blueprint.abstract.params,
+            built.blueprint.shardings.params,
+        )
 
 
 @pytest.mark.slow
