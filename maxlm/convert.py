@@ -1,0 +1,519 @@
+"""`python -m maxlm.convert`: Hugging Face LLaMA checkpoints <-> maxlm, one tensor at a time.
+
+maxlm's parameters mirror LlamaForCausalLM's names, and its RoPE uses Hugging Face's
+rotate-half layout, so Hugging Face weights convert by transposing and reshaping: the table
+`LAYOUT` says how. Meta's original checkpoints use the interleaved RoPE layout; `rope_permute`
+reorders q/k projections between the two.
+
+A converted model is a directory `maxlm.checkpoint.open_model` reads and `checkpoint.init_from`
+accepts: `state/` (orbax, the parameters), `config.yaml` (the model section and tokenizer),
+the tokenizer file, and `hf/` (the source's config and tokenizer side files, so the way back
+restores them). Reading safetensors needs no PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+import safetensors
+import safetensors.numpy
+import yaml
+
+from maxlm import state as state_lib
+from maxlm.checkpoint import CONFIG_FILE, open_model
+from maxlm.config import ConfigError, ModelConfig, RopeScalingConfig
+
+HF_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # the first one present is used
+# model.* keys that are choices of a training run, not properties of the weights
+TRAINING_CHOICES = {"preset", "dropout", "init_std", "param_dtype", "dtype", "scan_layers", "remat",
+                    "attention"}  # fmt: skip
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+class ConversionError(ValueError):
+    """The input is not a convertible LLaMA checkpoint; the message names the file or tensor."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Weight:
+    """One maxlm parameter and its Hugging Face tensor: `hf` has `{i}` for per-layer tensors
+    (stacked on maxlm's leading layer axis); `inputs` is the number of leading input axes of
+    a maxlm kernel (a torch Linear stores (out, in): transposed and flattened), 0 for tables
+    and norm scales, which are copied."""
+
+    path: tuple[str, ...]
+    hf: str
+    inputs: int
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.hf
+
+
+def _layer(*path: str, inputs: int) -> Weight:
+    """A decoder-layer weight: HF's name is the maxlm path with `.weight` for its last part."""
+    return Weight(("layers", *path), "model.layers.{i}." + ".".join(path[:-1]) + ".weight", inputs)
+
+
+LAYOUT = (
+    Weight(("embed_tokens", "embedding"), "model.embed_tokens.weight", 0),
+    _layer("input_layernorm", "scale", inputs=0),
+    _layer("self_attn", "q_proj", "kernel", inputs=1),
+    _layer("self_attn", "k_proj", "kernel", inputs=1),
+    _layer("self_attn", "v_proj", "kernel", inputs=1),
+    _layer("self_attn", "o_proj", "kernel", inputs=2),
+    _layer("post_attention_layernorm", "scale", inputs=0),
+    _layer("mlp", "gate_proj", "kernel", inputs=1),
+    _layer("mlp", "up_proj", "kernel", inputs=1),
+    _layer("mlp", "down_proj", "kernel", inputs=1),
+    Weight(("norm", "scale"), "model.norm.weight", 0),
+    Weight(("lm_head", "kernel"), "lm_head.weight", 1),
+)
+# tensors some checkpoints carry that hold nothing to convert (recomputed from the config)
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def to_hf(kernel: np.ndarray, inputs: int) -> np.ndarray:
+    """A maxlm kernel (in axes..., out axes...) as a torch Linear weight (out, in)."""
+    if inputs == 0:
+        return kernel
+    fan_in = math.prod(kernel.shape[:inputs])
+    return np.ascontiguousarray(kernel.reshape(fan_in, -1).T)
+
+
+def from_hf(weight: np.ndarray, shape: tuple[int, ...], inputs: int) -> np.ndarray:
+    """A torch Linear weight (out, in), or a table / scale, as the maxlm array of `shape`."""
+    return weight.reshape(shape) if inputs == 0 else weight.T.reshape(shape)
+
+
+def rope_permute(weight: np.ndarray, num_heads: int, *, to_half: bool = True) -> np.ndarray:
+    """Reorder a q/k projection (heads*head_dim, in) between Meta's interleaved RoPE layout
+    (pairs (2j, 2j+1)) and Hugging Face's rotate-half layout (pairs (j, j + head_dim/2))."""
+    out_dim, fan_in = weight.shape
+    head_dim = out_dim // num_heads
+    if to_half:
+        per_head = weight.reshape(num_heads, head_dim // 2, 2, fan_in).swapaxes(1, 2)
+    else:
+        per_head = weight.reshape(num_heads, 2, head_dim // 2, fan_in).swapaxes(1, 2)
+    return np.ascontiguousarray(per_head.reshape(out_dim, fan_in))
+
+
+# --------------------------------------------------------------------------- Hugging Face configs
+
+
+def model_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """maxlm's ModelConfig for a Hugging Face LLaMA config.json (transformers 4.x or 5.x)."""
+    architectures = hf.get("architectures") or []
+    if hf.get("model_type") != "llama" or (
+        architectures and "LlamaForCausalLM" not in architectures
+    ):
+        raise ConversionError(
+            f"{source}: model_type {hf.get('model_type')!r}, architectures {architectures}: "
+            "only LLaMA (LlamaForCausalLM) checkpoints convert"
+        )
+    for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if hf.get(key, expected) != expected:
+            raise ConversionError(
+                f"{source}: {key} = {hf[key]!r}; maxlm's LLaMA has {key} = {expected!r}"
+            )
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    try:
+        return ModelConfig(
+            vocab_size=hf["vocab_size"],
+            d_model=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=None if head_dim * heads == hf["hidden_size"] else head_dim,
+            mlp_dim=hf["intermediate_size"],
+            rope_theta=theta,
+            rope_scaling=RopeScalingConfig(**_rope_scaling_from_hf(rope, source)),
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        )
+    except KeyError as err:
+        raise ConversionError(f"{source}: missing key {err}") from None
+
+
+def _rope_scaling_from_hf(rope: dict[str, Any], source: str) -> dict[str, Any]:
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return {"kind": "none"}
+    if kind == "linear":
+        return {"kind": "linear", "factor": rope["factor"]}
+    if kind == "llama3":
+        return {
+            "kind": "llama3",
+            "factor": rope["factor"],
+            "low_freq_factor": rope["low_freq_factor"],
+            "high_freq_factor": rope["high_freq_factor"],
+            "original_max_position": rope["original_max_position_embeddings"],
+        }
+    raise ConversionError(
+        f"{source}: RoPE scaling {kind!r} is not supported (maxlm has default, linear, llama3)"
+    )
+
+
+def hf_config_from_model(
+    cfg: ModelConfig, base: dict[str, Any] | None, *, dtype: str, max_positions: int
+) -> dict[str, Any]:
+    """A config.json for `cfg`: `base` (the converted source's) updated, or a fresh one. Both
+    transformers 4.x (rope_theta, rope_scaling) and 5.x (rope_parameters) read it."""
+    scaling = cfg.rope_scaling
+    rope: dict[str, Any] = {"rope_type": "default"}
+    if scaling.kind == "linear":
+        rope = {"rope_type": "linear", "factor": scaling.factor}
+    elif scaling.kind == "llama3":
+        rope = {
+            "rope_type": "llama3",
+            "factor": scaling.factor,
+            "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_position,
+        }
+    config = dict(base or {"max_position_embeddings": max_positions})
+    for stale in ("rope_parameters", "rope_scaling", "torch_dtype", "dtype"):
+        config.pop(stale, None)
+    config.update(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.mlp_dim,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_size,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        rope_scaling=None if scaling.kind == "none" else rope,
+        tie_word_embeddings=cfg.tie_embeddings,
+        torch_dtype=dtype,
+    )
+    return config
+
+
+# --------------------------------------------------------------------------- reading HF folders
+
+
+class SafetensorsFolder:
+    """The tensors of a Hugging Face folder (one model.safetensors, or shards with an index),
+    read one at a time; shard files open lazily and are checked to exist up front."""
+
+    def __init__(self, folder: Path) -> None:
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        elif (folder / "model.safetensors").is_file():
+            with safetensors.safe_open(folder / "model.safetensors", "flax") as single:
+                weight_map = dict.fromkeys(single.keys(), "model.safetensors")
+        else:
+            raise ConversionError(
+                f"{folder}: no model.safetensors or model.safetensors.index.json (only "
+                "safetensors checkpoints convert; re-save .bin ones with save_pretrained)"
+            )
+        for shard in sorted(set(weight_map.values())):
+            if not (folder / shard).is_file():
+                names = [n for n, s in weight_map.items() if s == shard]
+                raise ConversionError(
+                    f"{folder / shard}: shard missing (it holds {len(names)} tensors, e.g. "
+                    f"{names[0]})"
+                )
+        self.folder = folder
+        self.weight_map = weight_map
+        self._open: dict[str, Any] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.weight_map:
+            raise ConversionError(f"{self.folder}: tensor {name} is missing")
+        shard = self.weight_map[name]
+        if shard not in self._open:
+            self._open[shard] = safetensors.safe_open(self.folder / shard, "flax")
+        # through jax: numpy alone cannot read bfloat16 safetensors
+        return np.asarray(self._open[shard].get_tensor(name))
+
+    def dtype(self) -> str:
+        """The storage dtype of the embedding table (a checkpoint's dtype)."""
+        shard = self.weight_map["model.embed_tokens.weight"]
+        with safetensors.safe_open(self.folder / shard, "flax") as f:
+            code = f.get_slice("model.embed_tokens.weight").get_dtype()
+        return {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(code, "float32")
+
+
+def load_hf(folder: str | Path, dtype: str = "float32") -> tuple[ModelConfig, dict[str, Any]]:
+    """A Hugging Face LLaMA folder's ModelConfig and parameters (a pure dict of numpy arrays in
+    `dtype`, shaped like maxlm's), read tensor by tensor: one copy of the weights in memory."""
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ConversionError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    cfg = model_config_from_hf(json.loads(config_file.read_text()), str(config_file))
+    tensors = SafetensorsFolder(folder)
+    return cfg, params_from_hf(tensors, cfg, dtype)
+
+
+def params_from_hf(tensors: SafetensorsFolder, cfg: ModelConfig, dtype: str) -> dict[str, Any]:
+    """maxlm parameters from the tensors; shape mismatches and leftovers name the tensor."""
+    expected = state_lib.abstract_params(cfg)
+    params: dict[str, Any] = {}
+    used: set[str] = set()
+    for weight in LAYOUT:
+        if weight.path[0] == "lm_head" and cfg.tie_embeddings:
+            used.add(weight.hf)  # some tied checkpoints store the copy anyway
+            continue
+        shape = _lookup(expected, weight.path).shape
+        if weight.per_layer:
+            array = np.empty(shape, DTYPES[dtype])
+            for i in range(cfg.num_layers):
+                name = weight.hf.format(i=i)
+                array[i] = _converted(tensors, name, shape[1:], weight.inputs)
+                used.add(name)
+        else:
+            array = _converted(tensors, weight.hf, shape, weight.inputs).astype(DTYPES[dtype])
+            used.add(weight.hf)
+        _insert(params, weight.path, array)
+    unknown = [n for n in tensors.weight_map if n not in used and not n.endswith(IGNORED_SUFFIXES)]
+    if unknown:
+        raise ConversionError(
+            f"{tensors.folder}: tensor {unknown[0]} is not part of a LLaMA model of this config "
+            f"({len(unknown)} such tensors; num_hidden_layers = {cfg.num_layers})"
+        )
+    return params
+
+
+def _converted(
+    tensors: SafetensorsFolder, name: str, shape: tuple[int, ...], inputs: int
+) -> np.ndarray:
+    weight = tensors.get(name)
+    hf_shape = to_hf(np.empty(shape, np.int8), inputs).shape
+    if weight.shape != hf_shape:
+        raise ConversionError(
+            f"{tensors.folder}: tensor {name} has shape {tuple(weight.shape)}, the config "
+            f"needs {tuple(hf_shape)}"
+        )
+    return from_hf(weight, shape, inputs)
+
+
+def _lookup(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _insert(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+# --------------------------------------------------------------------------- the two directions
+
+
+def hf_to_maxlm(hf_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
+    """Convert a Hugging Face LLaMA folder into a maxlm model directory (see the module doc)."""
+    hf_dir, out = Path(hf_dir), Path(out_dir).absolute()
+    if (out / "state").exists():
+        raise ConversionError(f"{out}: already holds a converted model (state/ exists)")
+    tokenizer_file = next((hf_dir / n for n in TOKENIZER_FILES if (hf_dir / n).is_file()), None)
+    cfg, params = load_hf(hf_dir, dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    model = cfg.model_dump(mode="json", exclude=TRAINING_CHOICES) | {"param_dtype": dtype}
+    config: dict[str, Any] = {"model": model}
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, out / tokenizer_file.name)
+        kind = "huggingface" if tokenizer_file.suffix == ".json" else "sentencepiece"
+        config["data"] = {"tokenizer": {"kind": kind, "path": str(out / tokenizer_file.name)}}
+    side = out / "hf"
+    side.mkdir(exist_ok=True)
+    for name in HF_SIDE_FILES:
+        if (hf_dir / name).is_file():
+            shutil.copyfile(hf_dir / name, side / name)
+    ocp.PyTreeCheckpointer().save(out / "state", {"params": params})
+    (out / CONFIG_FILE).write_text(
+        f"# converted from {hf_dir.absolute()} by python -m maxlm.convert\n"
+        + yaml.safe_dump(config, sort_keys=False)
+    )
+    return out
+
+
+def maxlm_to_hf(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write the model at `checkpoint` (run dir, step dir or converted model) as a Hugging Face
+    folder `LlamaForCausalLM.from_pretrained` loads: config.json, safetensors shards with an
+    index, tokenizer files. `dtype` defaults to the converted source's, else float32."""
+    saved = open_model(checkpoint)
+    out = Path(out_dir)
+    side = saved.directory / "hf"
+    base = (
+        json.loads((side / "config.json").read_text()) if (side / "config.json").is_file() else None
+    )
+    dtype = dtype or ((base or {}).get("torch_dtype") or (base or {}).get("dtype") or "float32")
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    cfg = saved.config.model
+    params = saved.params()
+    out.mkdir(parents=True, exist_ok=True)
+    _write_shards(_hf_tensors(params, cfg, dtype), out, max_shard_bytes)
+    config = hf_config_from_model(cfg, base, dtype=dtype, max_positions=saved.config.train.seq_len)
+    tokenizer = saved.tokenizer()
+    if tokenizer.bos_id is not None:
+        config["bos_token_id"] = tokenizer.bos_id
+    if tokenizer.eos_id is not None:
+        config["eos_token_id"] = tokenizer.eos_id
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _write_tokenizer(saved.tokenizer_file, tokenizer, side, out, config)
+    return out
+
+
+def _hf_tensors(
+    params: dict[str, Any], cfg: ModelConfig, dtype: str
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, tensor) in Hugging Face's layout, produced one at a time."""
+    for weight in LAYOUT:
+        if weight.path[0] == "lm_head" and cfg.tie_embeddings:
+            continue
+        array = _lookup(params, weight.path)
+        for i in range(cfg.num_layers) if weight.per_layer else [None]:
+            part = np.asarray(array[i] if i is not None else array)
+            name = weight.hf.format(i=i) if i is not None else weight.hf
+            yield name, to_hf(part, weight.inputs).astype(DTYPES[dtype])
+
+
+def _write_shards(
+    tensors: Iterator[tuple[str, np.ndarray]], out: Path, max_shard_bytes: int
+) -> None:
+    """Safetensors shards of at most `max_shard_bytes` (a bigger tensor gets its own) and the
+    index; each shard is written as soon as it is full, so only one is held in memory."""
+    shard: dict[str, np.ndarray] = {}
+    shard_bytes, total = 0, 0
+    written: list[tuple[str, list[str]]] = []
+    weight_map: dict[str, str] = {}
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        name = f"shard-{len(written):05d}.safetensors"
+        safetensors.numpy.save_file(shard, str(out / name), metadata={"format": "pt"})
+        written.append((name, list(shard)))
+        shard, shard_bytes = {}, 0
+
+    for name, tensor in tensors:
+        if shard and shard_bytes + tensor.nbytes > max_shard_bytes:
+            flush()
+        shard[name] = tensor
+        shard_bytes += tensor.nbytes
+        total += tensor.nbytes
+    if shard:
+        flush()
+    for old in out.glob("model*.safetensors"):
+        old.unlink()
+    for i, (temporary, names) in enumerate(written):
+        final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        (out / temporary).rename(out / final)
+        weight_map.update(dict.fromkeys(names, final))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_tokenizer(
+    tokenizer_file: Path | None, tokenizer: Any, side: Path, out: Path, config: dict[str, Any]
+) -> None:
+    """The tokenizer file under its Hugging Face name, with the source's side files (or a
+    tokenizer_config.json naming the fast tokenizer class and the special tokens)."""
+    name = "tokenizer.json" if tokenizer.data.lstrip()[:1] == b"{" else "tokenizer.model"
+    (out / name).write_bytes(tokenizer.data)
+    copied = False
+    for side_file in HF_SIDE_FILES[1:]:
+        if (side / side_file).is_file():
+            shutil.copyfile(side / side_file, out / side_file)
+            copied = True
+    if copied:
+        return
+    special = {}
+    for key, token_id in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id)):
+        if token_id is not None:
+            special[key] = tokenizer.decode([token_id])
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast"
+        if name == "tokenizer.json"
+        else "LlamaTokenizer",
+        "model_max_length": config.get("max_position_embeddings", 2048),
+        "add_bos_token": False,
+        **special,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m maxlm.convert",
+        description="Convert LLaMA checkpoints between Hugging Face folders and maxlm.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    to_maxlm = commands.add_parser("hf-to-maxlm", help="a Hugging Face folder -> a maxlm model")
+    to_maxlm.add_argument("hf_dir", help="folder with config.json and safetensors")
+    to_maxlm.add_argument("out_dir", help="the maxlm model directory to create")
+    to_maxlm.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                          help="parameter dtype in maxlm (default float32)")  # fmt: skip
+    to_hf = commands.add_parser("maxlm-to-hf", help="a maxlm checkpoint -> a Hugging Face folder")
+    to_hf.add_argument("checkpoint", help="a run dir, <run>/checkpoints/<step> or converted model")
+    to_hf.add_argument("out_dir", help="the Hugging Face folder to write")
+    to_hf.add_argument("--dtype", choices=list(DTYPES), default=None,
+                       help="tensor dtype (default: the source's, else float32)")  # fmt: skip
+    to_hf.add_argument("--max-shard-mb", type=int, default=5120, help="safetensors shard size")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "hf-to-maxlm":
+            out = hf_to_maxlm(args.hf_dir, args.out_dir, dtype=args.dtype)
+            print(f"wrote {out}: train from it with checkpoint.init_from={out}")
+        else:
+            out = maxlm_to_hf(
+                args.checkpoint, args.out_dir, dtype=args.dtype,
+                max_shard_bytes=args.max_shard_mb * 2**20,
+            )  # fmt: skip
+            print(f"wrote {out}: LlamaForCausalLM.from_pretrained({str(out)!r})")
+    except (ConversionError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
