@@ -31,8 +31,9 @@ import safetensors.numpy
 import yaml
 
 from maxlm import state as state_lib
-from maxlm.checkpoint import CONFIG_FILE, open_model
+from maxlm.checkpoint import CONFIG_FILE, open_model, tokenizer_filename
 from maxlm.config import ConfigError, ModelConfig, RopeScalingConfig
+from maxlm.data.tokenizer import Tokenizer
 
 HF_SIDE_FILES = (
     "config.json",
@@ -220,8 +221,8 @@ def hf_config_from_model(
 
 
 class SafetensorsFolder:
-    """The tensors of a Hugging Face folder (one model.safetensors, or shards with an index),
-    read one at a time; shard files open lazily and are checked to exist up front."""
+    """The tensors of a Hugging Face folder (one model.safetensors, or shards with an index);
+    every shard file is checked to exist up front."""
 
     def __init__(self, folder: Path) -> None:
         index = folder / "model.safetensors.index.json"
@@ -235,7 +236,7 @@ class SafetensorsFolder:
                 f"{folder}: no model.safetensors or model.safetensors.index.json (only "
                 "safetensors checkpoints convert; re-save .bin ones with save_pretrained)"
             )
-        for shard in sorted(set(weight_map.values())):
+        for shard in self.shards(weight_map):
             if not (folder / shard).is_file():
                 names = [n for n, s in weight_map.items() if s == shard]
                 raise ConversionError(
@@ -244,26 +245,19 @@ class SafetensorsFolder:
                 )
         self.folder = folder
         self.weight_map = weight_map
-        self._open: dict[str, Any] = {}
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
+    @staticmethod
+    def shards(weight_map: dict[str, str]) -> list[str]:
+        return sorted(set(weight_map.values()))
 
-    def get(self, name: str) -> np.ndarray:
-        if name not in self.weight_map:
-            raise ConversionError(f"{self.folder}: tensor {name} is missing")
-        shard = self.weight_map[name]
-        if shard not in self._open:
-            self._open[shard] = safetensors.safe_open(self.folder / shard, "flax")
-        # through jax: numpy alone cannot read bfloat16 safetensors
-        return np.asarray(self._open[shard].get_tensor(name))
-
-    def dtype(self) -> str:
-        """The storage dtype of the embedding table (a checkpoint's dtype)."""
-        shard = self.weight_map["model.embed_tokens.weight"]
-        with safetensors.safe_open(self.folder / shard, "flax") as f:
-            code = f.get_slice("model.embed_tokens.weight").get_dtype()
-        return {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(code, "float32")
+    def by_shard(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Every (name, tensor), one shard open at a time: a shard's mapped pages are released
+        before the next is read, so the source never sits in memory whole."""
+        for shard in self.shards(self.weight_map):
+            with safetensors.safe_open(self.folder / shard, "flax") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    # through jax: numpy alone cannot read bfloat16 safetensors
+                    yield name, np.asarray(f.get_tensor(name))
 
 
 def load_hf(folder: str | Path, dtype: str = "float32") -> tuple[ModelConfig, dict[str, Any]]:
@@ -274,50 +268,53 @@ def load_hf(folder: str | Path, dtype: str = "float32") -> tuple[ModelConfig, di
     if not config_file.is_file():
         raise ConversionError(f"{folder}: no config.json (not a Hugging Face model folder)")
     cfg = model_config_from_hf(json.loads(config_file.read_text()), str(config_file))
-    tensors = SafetensorsFolder(folder)
-    return cfg, params_from_hf(tensors, cfg, dtype)
+    return cfg, params_from_hf(SafetensorsFolder(folder), cfg, dtype)
 
 
 def params_from_hf(tensors: SafetensorsFolder, cfg: ModelConfig, dtype: str) -> dict[str, Any]:
-    """maxlm parameters from the tensors; shape mismatches and leftovers name the tensor."""
+    """maxlm parameters from the tensors; missing, misshapen and unknown tensors are errors
+    naming the tensor (checked against the index before anything is read)."""
     expected = state_lib.abstract_params(cfg)
     params: dict[str, Any] = {}
-    used: set[str] = set()
+    # HF name -> (maxlm array, layer index or None, inputs)
+    targets: dict[str, tuple[np.ndarray, int | None, int]] = {}
     for weight in LAYOUT:
         if weight.path[0] == "lm_head" and cfg.tie_embeddings:
-            used.add(weight.hf)  # some tied checkpoints store the copy anyway
             continue
-        shape = _lookup(expected, weight.path).shape
-        if weight.per_layer:
-            array = np.empty(shape, DTYPES[dtype])
-            for i in range(cfg.num_layers):
-                name = weight.hf.format(i=i)
-                array[i] = _converted(tensors, name, shape[1:], weight.inputs)
-                used.add(name)
-        else:
-            array = _converted(tensors, weight.hf, shape, weight.inputs).astype(DTYPES[dtype])
-            used.add(weight.hf)
+        array = np.empty(_lookup(expected, weight.path).shape, DTYPES[dtype])
         _insert(params, weight.path, array)
-    unknown = [n for n in tensors.weight_map if n not in used and not n.endswith(IGNORED_SUFFIXES)]
+        for i in range(cfg.num_layers) if weight.per_layer else [None]:
+            targets[weight.hf.format(i=i)] = (array, i, weight.inputs)
+    missing = [name for name in targets if name not in tensors.weight_map]
+    if missing:
+        raise ConversionError(f"{tensors.folder}: tensor {missing[0]} is missing")
+    extra = set() if not cfg.tie_embeddings else {"lm_head.weight"}  # tied: a stored copy
+    unknown = [
+        name
+        for name in tensors.weight_map
+        if name not in targets and name not in extra and not name.endswith(IGNORED_SUFFIXES)
+    ]
     if unknown:
         raise ConversionError(
             f"{tensors.folder}: tensor {unknown[0]} is not part of a LLaMA model of this config "
             f"({len(unknown)} such tensors; num_hidden_layers = {cfg.num_layers})"
         )
+    for name, tensor in tensors.by_shard():
+        if name not in targets:
+            continue
+        array, layer, inputs = targets[name]
+        shape = array.shape if layer is None else array.shape[1:]
+        hf_shape = to_hf(np.empty(shape, np.int8), inputs).shape
+        if tensor.shape != hf_shape:
+            raise ConversionError(
+                f"{tensors.folder}: tensor {name} has shape {tuple(tensor.shape)}, the config "
+                f"needs {tuple(hf_shape)}"
+            )
+        if layer is None:
+            array[...] = from_hf(tensor, shape, inputs)
+        else:
+            array[layer] = from_hf(tensor, shape, inputs)
     return params
-
-
-def _converted(
-    tensors: SafetensorsFolder, name: str, shape: tuple[int, ...], inputs: int
-) -> np.ndarray:
-    weight = tensors.get(name)
-    hf_shape = to_hf(np.empty(shape, np.int8), inputs).shape
-    if weight.shape != hf_shape:
-        raise ConversionError(
-            f"{tensors.folder}: tensor {name} has shape {tuple(weight.shape)}, the config "
-            f"needs {tuple(hf_shape)}"
-        )
-    return from_hf(weight, shape, inputs)
 
 
 def _lookup(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
@@ -354,7 +351,12 @@ def hf_to_maxlm(hf_dir: str | Path, out_dir: str | Path, *, dtype: str = "float3
     for name in HF_SIDE_FILES:
         if (hf_dir / name).is_file():
             shutil.copyfile(hf_dir / name, side / name)
-    ocp.PyTreeCheckpointer().save(out / "state", {"params": params})
+    # orbax deep-copies numpy arrays by default (for async saves): a second copy of the model
+    no_copy = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False))
+    )
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=no_copy))
+    checkpointer.save(out / "state", {"params": params})
     (out / CONFIG_FILE).write_text(
         f"# converted from {hf_dir.absolute()} by python -m maxlm.convert\n"
         + yaml.safe_dump(config, sort_keys=False)
@@ -386,13 +388,17 @@ def maxlm_to_hf(
     out.mkdir(parents=True, exist_ok=True)
     _write_shards(_hf_tensors(params, cfg, dtype), out, max_shard_bytes)
     config = hf_config_from_model(cfg, base, dtype=dtype, max_positions=saved.config.train.seq_len)
-    tokenizer = saved.tokenizer()
-    if tokenizer.bos_id is not None:
-        config["bos_token_id"] = tokenizer.bos_id
-    if tokenizer.eos_id is not None:
-        config["eos_token_id"] = tokenizer.eos_id
+    try:
+        tokenizer = saved.tokenizer()
+    except ConfigError:  # weights without a tokenizer (e.g. converted from a folder without one)
+        tokenizer = None
+    if tokenizer is not None:
+        if tokenizer.bos_id is not None:
+            config["bos_token_id"] = tokenizer.bos_id
+        if tokenizer.eos_id is not None:
+            config["eos_token_id"] = tokenizer.eos_id
+        _write_tokenizer(tokenizer, side, out, config)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    _write_tokenizer(saved.tokenizer_file, tokenizer, side, out, config)
     return out
 
 
@@ -445,12 +451,10 @@ def _write_shards(
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _write_tokenizer(
-    tokenizer_file: Path | None, tokenizer: Any, side: Path, out: Path, config: dict[str, Any]
-) -> None:
+def _write_tokenizer(tokenizer: Tokenizer, side: Path, out: Path, config: dict[str, Any]) -> None:
     """The tokenizer file under its Hugging Face name, with the source's side files (or a
     tokenizer_config.json naming the fast tokenizer class and the special tokens)."""
-    name = "tokenizer.json" if tokenizer.data.lstrip()[:1] == b"{" else "tokenizer.model"
+    name = tokenizer_filename(tokenizer)
     (out / name).write_bytes(tokenizer.data)
     copied = False
     for side_file in HF_SIDE_FILES[1:]:
