@@ -33,7 +33,7 @@ import yaml
 from maxlm import state as state_lib
 from maxlm.checkpoint import CONFIG_FILE, open_model, tokenizer_filename
 from maxlm.config import ConfigError, ModelConfig, RopeScalingConfig
-from maxlm.data.tokenizer import Tokenizer
+from maxlm.data.tokenizer import Tokenizer, read_tokenizer
 
 HF_SIDE_FILES = (
     "config.json",
@@ -268,12 +268,20 @@ def load_hf(folder: str | Path, dtype: str = "float32") -> tuple[ModelConfig, di
     if not config_file.is_file():
         raise ConversionError(f"{folder}: no config.json (not a Hugging Face model folder)")
     cfg = model_config_from_hf(json.loads(config_file.read_text()), str(config_file))
-    return cfg, params_from_hf(SafetensorsFolder(folder), cfg, dtype)
+    tensors = SafetensorsFolder(folder)
+    return cfg, params_from_hf(folder, list(tensors.weight_map), tensors.by_shard(), cfg, dtype)
 
 
-def params_from_hf(tensors: SafetensorsFolder, cfg: ModelConfig, dtype: str) -> dict[str, Any]:
-    """maxlm parameters from the tensors; missing, misshapen and unknown tensors are errors
-    naming the tensor (checked against the index before anything is read)."""
+def params_from_hf(
+    folder: Path,
+    names: list[str],
+    tensors: Iterator[tuple[str, np.ndarray]],
+    cfg: ModelConfig,
+    dtype: str,
+) -> dict[str, Any]:
+    """maxlm parameters from (name, tensor) pairs in Hugging Face's names and layout; missing,
+    misshapen and unknown tensors are errors naming the tensor (`names` are checked before
+    any tensor is read)."""
     expected = state_lib.abstract_params(cfg)
     params: dict[str, Any] = {}
     # HF name -> (maxlm array, layer index or None, inputs)
@@ -285,21 +293,21 @@ def params_from_hf(tensors: SafetensorsFolder, cfg: ModelConfig, dtype: str) -> 
         _insert(params, weight.path, array)
         for i in range(cfg.num_layers) if weight.per_layer else [None]:
             targets[weight.hf.format(i=i)] = (array, i, weight.inputs)
-    missing = [name for name in targets if name not in tensors.weight_map]
+    missing = [name for name in targets if name not in names]
     if missing:
-        raise ConversionError(f"{tensors.folder}: tensor {missing[0]} is missing")
+        raise ConversionError(f"{folder}: tensor {missing[0]} is missing")
     extra = set() if not cfg.tie_embeddings else {"lm_head.weight"}  # tied: a stored copy
     unknown = [
         name
-        for name in tensors.weight_map
+        for name in names
         if name not in targets and name not in extra and not name.endswith(IGNORED_SUFFIXES)
     ]
     if unknown:
         raise ConversionError(
-            f"{tensors.folder}: tensor {unknown[0]} is not part of a LLaMA model of this config "
+            f"{folder}: tensor {unknown[0]} is not part of a LLaMA model of this config "
             f"({len(unknown)} such tensors; num_hidden_layers = {cfg.num_layers})"
         )
-    for name, tensor in tensors.by_shard():
+    for name, tensor in tensors:
         if name not in targets:
             continue
         array, layer, inputs = targets[name]
@@ -307,7 +315,7 @@ def params_from_hf(tensors: SafetensorsFolder, cfg: ModelConfig, dtype: str) -> 
         hf_shape = to_hf(np.empty(shape, np.int8), inputs).shape
         if tensor.shape != hf_shape:
             raise ConversionError(
-                f"{tensors.folder}: tensor {name} has shape {tuple(tensor.shape)}, the config "
+                f"{folder}: tensor {name} has shape {tuple(tensor.shape)}, the config "
                 f"needs {tuple(hf_shape)}"
             )
         if layer is None:
@@ -315,6 +323,103 @@ def params_from_hf(tensors: SafetensorsFolder, cfg: ModelConfig, dtype: str) -> 
         else:
             array[layer] = from_hf(tensor, shape, inputs)
     return params
+
+
+# --------------------------------------------------------------------------- Meta's folders
+
+META_NAMES = {  # Meta's llama repo name -> Hugging Face name, and the model-parallel concat axis
+    "tok_embeddings.weight": ("model.embed_tokens.weight", None),  # axis from the shapes
+    "norm.weight": ("model.norm.weight", -1),  # -1: replicated in every shard
+    "output.weight": ("lm_head.weight", 0),
+    "layers.{i}.attention.wq.weight": ("model.layers.{i}.self_attn.q_proj.weight", 0),
+    "layers.{i}.attention.wk.weight": ("model.layers.{i}.self_attn.k_proj.weight", 0),
+    "layers.{i}.attention.wv.weight": ("model.layers.{i}.self_attn.v_proj.weight", 0),
+    "layers.{i}.attention.wo.weight": ("model.layers.{i}.self_attn.o_proj.weight", 1),
+    "layers.{i}.feed_forward.w1.weight": ("model.layers.{i}.mlp.gate_proj.weight", 0),
+    "layers.{i}.feed_forward.w2.weight": ("model.layers.{i}.mlp.down_proj.weight", 1),
+    "layers.{i}.feed_forward.w3.weight": ("model.layers.{i}.mlp.up_proj.weight", 0),
+    "layers.{i}.attention_norm.weight": ("model.layers.{i}.input_layernorm.weight", -1),
+    "layers.{i}.ffn_norm.weight": ("model.layers.{i}.post_attention_layernorm.weight", -1),
+}
+META_IGNORED = ("rope.freqs",)
+# LLaMA 3.1's `use_scaled_rope` constants (Meta's llama-models apply_scaling)
+META_SCALED_ROPE = {"kind": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0, "original_max_position": 8192}  # fmt: skip
+
+
+def model_config_from_meta(params: dict[str, Any], vocab_size: int, source: str) -> ModelConfig:
+    """ModelConfig for Meta's params.json (LLaMA 1/2/3); the MLP size follows Meta's rule."""
+    try:
+        dim, multiple_of = params["dim"], params["multiple_of"]
+        hidden = int(2 * 4 * dim / 3)
+        if params.get("ffn_dim_multiplier"):
+            hidden = int(params["ffn_dim_multiplier"] * hidden)
+        return ModelConfig(
+            vocab_size=vocab_size,
+            d_model=dim,
+            num_layers=params["n_layers"],
+            num_heads=params["n_heads"],
+            num_kv_heads=params.get("n_kv_heads") or params["n_heads"],
+            mlp_dim=multiple_of * ((hidden + multiple_of - 1) // multiple_of),
+            rope_theta=params.get("rope_theta", 10000.0),
+            rope_scaling=RopeScalingConfig(
+                **(META_SCALED_ROPE if params.get("use_scaled_rope") else {"kind": "none"})
+            ),
+            norm_eps=params.get("norm_eps", 1e-5),
+        )
+    except KeyError as err:
+        raise ConversionError(f"{source}: missing key {err}") from None
+
+
+class MetaFolder:
+    """Meta's original checkpoint folder: params.json and consolidated.NN.pth model-parallel
+    shards (read with PyTorch, memory-mapped), yielded in Hugging Face's names and layout: the
+    shards concatenated and q/k rows permuted from interleaved to rotate-half RoPE."""
+
+    def __init__(self, folder: Path) -> None:
+        try:
+            import torch
+        except ImportError:
+            raise ConversionError(
+                f"{folder}: reading Meta's .pth checkpoints needs PyTorch (pip install torch); "
+                "Hugging Face safetensors folders do not"
+            ) from None
+        self.folder = folder
+        self.files = sorted(folder.glob("consolidated.*.pth"))
+        self.shards = [
+            torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in self.files
+        ]
+        params = json.loads((folder / "params.json").read_text())
+        vocab = params.get("vocab_size", -1)
+        if vocab <= 0:  # LLaMA 1/2 leave it to the tokenizer; the table's rows tell
+            vocab = self.shards[0]["tok_embeddings.weight"].shape[0]
+        self.config = model_config_from_meta(params, vocab, str(folder / "params.json"))
+        self.hf_names: dict[str, str] = {}
+        for name in self.shards[0]:
+            if name.startswith(META_IGNORED):
+                continue
+            generic = ".".join("{i}" if part.isdigit() else part for part in name.split("."))
+            layer = next((p for p in name.split(".") if p.isdigit()), None)
+            if generic not in META_NAMES:
+                raise ConversionError(f"{self.files[0]}: tensor {name} is not a LLaMA weight")
+            self.hf_names[name] = META_NAMES[generic][0].format(i=layer)
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        for name, hf_name in self.hf_names.items():
+            generic = ".".join("{i}" if part.isdigit() else part for part in name.split("."))
+            axis = META_NAMES[generic][1]
+            parts = [shard[name] for shard in self.shards]
+            if axis is None:  # LLaMA 1/2 split the embedding on D, LLaMA 3 on the vocabulary
+                axis = 1 if parts[0].shape[1] != self.config.d_model else 0
+            if axis == -1:
+                parts = parts[:1]
+            # float32 holds bfloat16 exactly; numpy has no bfloat16 for torch to hand over
+            weight = np.concatenate([p.float().numpy() for p in parts], max(axis, 0))
+            if hf_name.endswith("q_proj.weight"):
+                weight = rope_permute(weight, self.config.num_heads)
+            elif hf_name.endswith("k_proj.weight"):
+                weight = rope_permute(weight, self.config.kv_heads)
+            yield hf_name, weight
 
 
 def _lookup(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
@@ -338,7 +443,14 @@ def hf_to_maxlm(hf_dir: str | Path, out_dir: str | Path, *, dtype: str = "float3
     if (out / "state").exists():
         raise ConversionError(f"{out}: already holds a converted model (state/ exists)")
     tokenizer_file = next((hf_dir / n for n in TOKENIZER_FILES if (hf_dir / n).is_file()), None)
-    cfg, params = load_hf(hf_dir, dtype)
+    if (hf_dir / "params.json").is_file() and not (hf_dir / "config.json").is_file():
+        meta = MetaFolder(hf_dir)
+        cfg = meta.config
+        params = params_from_hf(hf_dir, list(meta.hf_names.values()), meta.tensors(), cfg, dtype)
+        if tokenizer_file is not None and not _is_sentencepiece(tokenizer_file):
+            tokenizer_file = None  # LLaMA 3's tiktoken file: give a tokenizer.json separately
+    else:
+        cfg, params = load_hf(hf_dir, dtype)
     out.mkdir(parents=True, exist_ok=True)
     model = cfg.model_dump(mode="json", exclude=TRAINING_CHOICES) | {"param_dtype": dtype}
     config: dict[str, Any] = {"model": model}
@@ -362,6 +474,14 @@ def hf_to_maxlm(hf_dir: str | Path, out_dir: str | Path, *, dtype: str = "float3
         + yaml.safe_dump(config, sort_keys=False)
     )
     return out
+
+
+def _is_sentencepiece(path: Path) -> bool:
+    try:
+        read_tokenizer(path)
+    except Exception:  # sentencepiece raises RuntimeError, protobuf DecodeError...
+        return False
+    return True
 
 
 def maxlm_to_hf(

@@ -232,6 +232,46 @@ def test_rope_permutation_maps_meta_layout_to_rotate_half():
     )
 
 
+@pytest.mark.parametrize("llama3", [False, True])
+def test_meta_checkpoint_with_two_model_parallel_shards_matches_transformers(llama3, tmp_path):
+    """Meta's original layout (interleaved RoPE, consolidated.NN.pth split for model
+    parallelism) built from a Hugging Face model converts to the same logits."""
+    reference = hf_model(num_key_value_heads=2, intermediate_size=192, rope_theta=500000.0)
+    hf = {name: tensor.detach().clone() for name, tensor in reference.state_dict().items()}
+    heads, kv_heads = 4, 2
+    shards: list[dict[str, torch.Tensor]] = [{}, {}]
+    for meta_name, (hf_name, axis) in convert.META_NAMES.items():
+        for i in range(2) if "{i}" in meta_name else [None]:
+            tensor = hf[hf_name.format(i=i)]
+            if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+                count = heads if "q_proj" in hf_name else kv_heads
+                tensor = torch.tensor(convert.rope_permute(tensor.numpy(), count, to_half=False))
+            if axis is None:  # LLaMA 1/2 split the embedding on D, LLaMA 3 on the vocabulary
+                axis = 0 if llama3 else 1
+            halves = [tensor, tensor] if axis == -1 else torch.chunk(tensor, 2, dim=axis)
+            for shard, half in zip(shards, halves, strict=True):
+                shard[meta_name.format(i=i)] = half.to(torch.bfloat16).clone()
+    folder = tmp_path / "meta"
+    folder.mkdir()
+    for n, shard in enumerate(shards):
+        torch.save(shard, folder / f"consolidated.{n:02d}.pth")
+    params = {"dim": 64, "n_layers": 2, "n_heads": heads, "n_kv_heads": kv_heads,
+              "multiple_of": 64, "norm_eps": 1e-5, "rope_theta": 500000.0,
+              "vocab_size": 97 if llama3 else -1}  # fmt: skip
+    (folder / "params.json").write_text(json.dumps(params))
+    converted = convert.hf_to_maxlm(folder, tmp_path / "maxlm")
+    saved = open_model(converted)
+    assert saved.config.model.mlp_dim == 192  # Meta's rule: 2/3 * 4 * dim rounded up to 64
+    model = model_from_params(saved.config.model, saved.params())
+    with torch.no_grad():  # the same bfloat16-rounded weights as the shards (not RoPE buffers)
+        for parameter in reference.parameters():
+            parameter.copy_(parameter.to(torch.bfloat16).float())
+    tokens = np.random.default_rng(0).integers(0, 97, (2, 24))
+    with torch.no_grad():
+        expected = reference(torch.tensor(tokens)).logits.numpy()
+    assert_close(maxlm_logits(model, tokens), expected)
+
+
 def test_bad_inputs_name_the_tensor_or_file(tmp_path, capsys):
     source = save_hf(hf_model(), tmp_path / "hf")
 
