@@ -2,8 +2,9 @@
 
 maxlm's parameters mirror LlamaForCausalLM's names, and its RoPE uses Hugging Face's
 rotate-half layout, so Hugging Face weights convert by transposing and reshaping: the table
-`LAYOUT` says how. Meta's original checkpoints use the interleaved RoPE layout; `rope_permute`
-reorders q/k projections between the two.
+`LAYOUT` says how. Meta's original checkpoints (params.json, consolidated.NN.pth) use the
+interleaved RoPE layout; `MetaFolder` reads them into Hugging Face's names and layout, with
+`rope_permute` reordering the q/k projections.
 
 A converted model is a directory `maxlm.checkpoint.open_model` reads and `checkpoint.init_from`
 accepts: `state/` (orbax, the parameters), `config.yaml` (the model section and tokenizer),
@@ -438,7 +439,8 @@ def _insert(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
 
 
 def hf_to_maxlm(hf_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
-    """Convert a Hugging Face LLaMA folder into a maxlm model directory (see the module doc)."""
+    """Convert a Hugging Face LLaMA folder, or Meta's original one, into a maxlm model
+    directory (see the module doc)."""
     hf_dir, out = Path(hf_dir), Path(out_dir).absolute()
     if (out / "state").exists():
         raise ConversionError(f"{out}: already holds a converted model (state/ exists)")
@@ -607,7 +609,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Convert LLaMA checkpoints between Hugging Face folders and maxlm.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    to_maxlm = commands.add_parser("hf-to-maxlm", help="a Hugging Face folder -> a maxlm model")
+    to_maxlm = commands.add_parser("hf-to-maxlm", help="a Hugging Face (or Meta) folder -> maxlm")
     to_maxlm.add_argument("hf_dir", help="folder with config.json and safetensors")
     to_maxlm.add_argument("out_dir", help="the maxlm model directory to create")
     to_maxlm.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
