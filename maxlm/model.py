@@ -8,14 +8,18 @@ with the decoder layers stacked on a leading "layers" axis whether or not they r
 the checkpoint format does not depend on `scan_layers`. Weights carry logical axis names
 (`vocab, embed, q_heads, kv_heads, head_dim, mlp, norm, layers`); activations go through a
 caller-supplied `constrain(x, names)` with separate `act_*` names.
+
+`Llama.decode` is the inference path of the same modules: it runs new tokens against a `KVCache`
+(keys and values of all layers, stacked like the parameters) and writes theirs into it.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +35,7 @@ Q_HEADS = ("act_batch", "act_seq", "act_heads", "act_head_dim")
 KV_HEADS = ("act_batch", "act_seq", "act_kv_heads", "act_head_dim")
 MLP_HIDDEN = ("act_batch", "act_seq", "act_mlp")
 LOGITS = ("act_batch", "act_seq", "act_vocab")
+KV_CACHE = (None, "act_batch", "act_seq", "act_kv_heads", "act_head_dim")  # (L,B,S,K,H)
 EMBED_TABLE = ("vocab", "act_embed")  # the table at lookup time: embed axis gathered
 
 REMAT_POLICIES = {
@@ -201,9 +206,7 @@ class Attention(nnx.Module):
     def __call__(
         self, x: jax.Array, sin: jax.Array, cos: jax.Array, mask: jax.Array, is_causal: bool
     ) -> jax.Array:
-        q = self.constrain(apply_rope(self.q_proj("BTD,DNH->BTNH", x), sin, cos), Q_HEADS)
-        k = self.constrain(apply_rope(self.k_proj("BSD,DKH->BSKH", x), sin, cos), KV_HEADS)
-        v = self.constrain(self.v_proj("BSD,DKH->BSKH", x), KV_HEADS)
+        q, k, v = self._project(x, sin, cos)
         # GQA natively (q heads grouped G per kv head). The xla path computes QK^T with float32
         # output and softmax in float32 even for bf16 inputs; probabilities are then cast back.
         # is_causal (not folded into the mask) lets cuDNN skip the upper triangle; prefix-LM
@@ -212,6 +215,38 @@ class Attention(nnx.Module):
             q, k, v, mask=mask, is_causal=is_causal, implementation=self.implementation
         )
         return self.o_proj("BTNH,NHD->BTD", out)
+
+    def decode(
+        self,
+        x: jax.Array,
+        sin: jax.Array,
+        cos: jax.Array,
+        mask: jax.Array,
+        cache: tuple[jax.Array, jax.Array],
+        layer: jax.Array,
+        index: jax.Array,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Write x's keys/values at slot `index` of layer `layer` of the stacked (L,B,S,K,H)
+        `cache`, then attend from x (B,T,D) to that layer's slots under `mask` (B,1,T,S)."""
+        q, k, v = self._project(x, sin, cos)
+        start = (layer, 0, index, 0, 0)
+        cache_k = jax.lax.dynamic_update_slice(cache[0], k[None], start)
+        cache_v = jax.lax.dynamic_update_slice(cache[1], v[None], start)
+        keys = self.constrain(cache_k[layer], KV_HEADS)
+        values = self.constrain(cache_v[layer], KV_HEADS)
+        # Always XLA's attention: it takes any mask and cache length, and a decode step's one
+        # query per row is bound by reading the cache, where a fused kernel gains little.
+        out = jax.nn.dot_product_attention(q, keys, values, mask=mask, implementation="xla")
+        return self.o_proj("BTNH,NHD->BTD", out), (cache_k, cache_v)
+
+    def _project(
+        self, x: jax.Array, sin: jax.Array, cos: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries (B,T,N,H) and keys (B,T,K,H) rotated by RoPE, values (B,T,K,H)."""
+        q = self.constrain(apply_rope(self.q_proj("BTD,DNH->BTNH", x), sin, cos), Q_HEADS)
+        k = self.constrain(apply_rope(self.k_proj("BSD,DKH->BSKH", x), sin, cos), KV_HEADS)
+        v = self.constrain(self.v_proj("BSD,DKH->BSKH", x), KV_HEADS)
+        return q, k, v
 
 
 class MLP(nnx.Module):
@@ -287,8 +322,43 @@ class DecoderLayer(nnx.Module):
         h = self.mlp(self.post_attention_layernorm(x))
         return self.constrain(x + _dropout(h, self.dropout, mlp_key), HIDDEN)
 
+    def decode(
+        self,
+        x: jax.Array,
+        sin: jax.Array,
+        cos: jax.Array,
+        mask: jax.Array,
+        cache: tuple[jax.Array, jax.Array],
+        layer: jax.Array,
+        index: jax.Array,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """The block without dropout, attending through the cache (see `Attention.decode`)."""
+        h, cache = self.self_attn.decode(
+            self.input_layernorm(x), sin, cos, mask, cache, layer, index
+        )
+        x = self.constrain(x + h, HIDDEN)
+        x = self.constrain(x + self.mlp(self.post_attention_layernorm(x)), HIDDEN)
+        return x, cache
+
 
 # --------------------------------------------------------------------------- model
+
+
+class KVCache(flax.struct.PyTreeNode):
+    """What decoding keeps between calls. `k`, `v` (L,B,S,K,H): every layer's keys (after RoPE)
+    and values in the compute dtype; `valid` (B,S) bool: the slot holds a real token (not left
+    padding, not yet written); `index` () int32: the slot the next tokens go to, shared by all
+    rows (prompts of different lengths are left-padded, so every row fills the same slots)."""
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @property
+    def length(self) -> int:
+        """S, the most tokens (prompt and padding included) a row can hold."""
+        return self.valid.shape[1]
 
 
 class Llama(nnx.Module):
@@ -362,7 +432,61 @@ class Llama(nnx.Module):
             if dropout_rng is None:
                 raise ValueError("dropout > 0 with deterministic=False needs a dropout_rng key")
             keys = jax.random.split(dropout_rng, self.num_layers)
-        x = self.norm(self._decoder_layers(x, sin, cos, mask, keys, prefix is None))
+        return self._logits(self._decoder_layers(x, sin, cos, mask, keys, prefix is None))
+
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        """An empty cache for `batch` rows of at most `length` tokens each."""
+        num_layers, _, kv_heads, head_dim = self.layers.self_attn.k_proj.kernel.shape
+        zeros = jnp.zeros((num_layers, batch, length, kv_heads, head_dim), self.embed_tokens.dtype)
+        return KVCache(
+            k=self.constrain(zeros, KV_CACHE),
+            v=self.constrain(zeros, KV_CACHE),
+            valid=jnp.zeros((batch, length), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    def decode(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        cache: KVCache,
+        token_mask: jax.Array | None = None,
+        *,
+        last_only: bool = False,
+    ) -> tuple[jax.Array, KVCache]:
+        """Run tokens (B,T) at RoPE `positions` (B,T) after the cached ones: their keys/values go
+        to slots index..index+T-1 (which must fit in the cache: nothing checks it under jit), each
+        attending to the valid slots up to its own. `token_mask` (B,T) is False for left padding.
+        Returns float32 logits (B,T,V), or (B,1,V) of the last column with `last_only`, and the
+        updated cache. Prefill and each decode step are both one call."""
+        if token_mask is None:
+            token_mask = jnp.ones(tokens.shape, bool)
+        valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, cache.index))
+        query_slot = cache.index + jnp.arange(tokens.shape[1])[:, None]  # (T,1)
+        key_slot = jnp.arange(cache.length)[None, :]  # (1,S)
+        # Padding still sees itself, so no softmax row is empty (as in __call__).
+        sees = (valid[:, None, :] | (key_slot == query_slot)) & (key_slot <= query_slot)
+        mask = sees[:, None]  # (B,1,T,S): the same for every head
+        x = self.constrain(self.embed_tokens(tokens), HIDDEN)
+        sin, cos = rope_sin_cos(positions, jnp.asarray(self.inv_freq, jnp.float32))
+        graphdef = nnx.graphdef(self.layers)
+
+        def layer(
+            carry: tuple[jax.Array, tuple[jax.Array, jax.Array]],
+            layer_state: nnx.State,
+            i: jax.Array,
+        ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+            x, kv = carry
+            return nnx.merge(graphdef, layer_state).decode(x, sin, cos, mask, kv, i, cache.index)
+
+        # The whole cache is the carry, so each layer updates its T new slots in place.
+        x, (k, v) = self._each_layer(layer, (x, (cache.k, cache.v)), jnp.arange(self.num_layers))
+        logits = self._logits(x[:, -1:] if last_only else x)
+        return logits, KVCache(k=k, v=v, valid=valid, index=cache.index + tokens.shape[1])
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        """Final norm and output head: float32 logits (B,T,V)."""
+        x = self.norm(x)
         if self.lm_head is None:
             logits = self.embed_tokens.attend(x)
         else:
@@ -378,8 +502,8 @@ class Llama(nnx.Module):
         keys: jax.Array | None,
         is_causal: bool,
     ) -> jax.Array:
-        """Run the stacked layers under lax.scan or unrolled; the parameters are the same."""
-        graphdef, state = nnx.split(self.layers)
+        """The training forward through the stacked layers, with remat if configured."""
+        graphdef = nnx.graphdef(self.layers)
 
         def layer(x: jax.Array, layer_state: nnx.State, key: jax.Array | None) -> jax.Array:
             return nnx.merge(graphdef, layer_state)(x, sin, cos, mask, key, is_causal)
@@ -389,10 +513,15 @@ class Llama(nnx.Module):
             layer = jax.checkpoint(
                 layer, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers
             )
+        return self._each_layer(layer, x, keys)
+
+    def _each_layer(self, layer: Callable[[Any, nnx.State, Any], Any], carry: Any, xs: Any) -> Any:
+        """carry = layer(carry, state of layer i, xs[i]) for each layer, under lax.scan or
+        unrolled (`scan_layers`); the parameters are the same either way."""
+        state = nnx.state(self.layers)
         if self.scan_layers:
-            x, _ = jax.lax.scan(lambda x, xs: (layer(x, *xs), None), x, (state, keys))
-            return x
+            carry, _ = jax.lax.scan(lambda c, xs_i: (layer(c, *xs_i), None), carry, (state, xs))
+            return carry
         for i in range(self.num_layers):
-            key = None if keys is None else keys[i]
-            x = layer(x, jax.tree.map(lambda a, i=i: a[i], state), key)
-        return x
+            carry = layer(carry, *jax.tree.map(lambda a, i=i: a[i], (state, xs)))
+        return carry
