@@ -585,6 +585,10 @@ class EvalConfig(Section):
         200, "Evaluate on held-out data every N steps (0: only at the end).", ge=0
     )
     batches: int = _field(8, "Held-out batches per evaluation.", gt=0)
+    sample_prompts: list[str] = _field(
+        [], "Prompts to continue (greedy) at the end of training, printed and in summary.json."
+    )
+    sample_tokens: int = _field(48, "New tokens per sample prompt.", gt=0)
 
 
 class CheckpointConfig(Section):

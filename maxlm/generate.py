@@ -232,6 +232,25 @@ def generate(
 # ---------------------------------------------------------------------------- command line
 
 
+def continue_texts(
+    model: Llama,
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    add_bos: bool = True,
+    sampling: Sampling = Sampling(),
+) -> list[str]:
+    """The continuation of each text (greedy by default), decoded: what training prints at its
+    end for `eval.sample_prompts`."""
+    bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
+    prompts = [bos + ids for ids in tokenizer.encode_batch(list(texts))]
+    new = generate(
+        model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, eos_id=tokenizer.eos_id
+    )
+    return [_continuation(tokenizer, p, n) for p, n in zip(prompts, new, strict=True)]
+
+
 class _UsageError(Exception):
     """A bad flag: printed as one line, exit status 2."""
 

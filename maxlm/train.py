@@ -18,6 +18,7 @@ import numpy as np
 from maxlm import (
     config as config_lib,
     estimate,
+    generate,
     mesh as mesh_lib,
     state as state_lib,
     train_step,
@@ -33,14 +34,12 @@ from maxlm.checkpoint import (
 )
 from maxlm.config import Config, ConfigError
 from maxlm.data import global_batch, mixture, pipeline
+from maxlm.evaluate import evaluate, load_held_out, token_bytes
 from maxlm.faults import Faults
 from maxlm.metrics import MetricsWriter, Throughput, format_duration, format_progress
 from maxlm.model import compute_dtype
 from maxlm.stability import SpikeMonitor, StabilityError
 from maxlm.state import TrainState
-
-# fixed, not run.seed: held-out batches stay comparable across runs with different seeds
-HELD_OUT_SAMPLE_SEED = 0
 
 
 def log(message: str) -> None:
@@ -62,32 +61,6 @@ def check_batch(cfg: Config, data_parallel: int) -> None:
             f"train.global_batch_size: {rows} is not divisible by the "
             f"{jax.process_count()} processes"
         )
-
-
-def evaluate(
-    eval_step: Any, params: Any, batches: dict[str, list[dict[str, jax.Array]]]
-) -> dict[str, float]:
-    """Held-out loss (nats per token) and perplexity over fixed batches of every source, and
-    per source (`eval_loss/<name>`) when there are several."""
-    result: dict[str, float] = {}
-    loss_total, tokens_total = 0.0, 0.0
-    for name, source_batches in batches.items():
-        loss_sum, tokens = 0.0, 0.0
-        for batch in source_batches:
-            sums = jax.device_get(eval_step(params, batch))
-            loss_sum += float(sums.cross_entropy)
-            tokens += float(sums.tokens)
-        if len(batches) > 1:
-            result[f"eval_loss/{name}"] = loss_sum / max(tokens, 1.0)
-        loss_total += loss_sum
-        tokens_total += tokens
-    loss = loss_total / max(tokens_total, 1.0)
-    return {
-        "eval_loss": loss,
-        "eval_perplexity": math.exp(min(loss, 50.0)),
-        "eval_tokens": tokens_total,
-        **result,
-    }
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -160,19 +133,14 @@ def train(cfg: Config) -> dict[str, Any]:
             num_workers=cfg.data.num_workers,
         )
     )
-    eval_batches = {
-        source.name: [
-            global_batch.to_global(batch, batch_sharding)
-            for batch in pipeline.eval_batches(
-                source,
-                layout,
-                batch_size=local_batch,
-                num_batches=cfg.eval.batches,
-                seed=HELD_OUT_SAMPLE_SEED,
-            )
-        ]
-        for source in data.held_out
-    }
+    eval_data = load_held_out(
+        data.held_out,
+        layout,
+        batch_size=local_batch,
+        num_batches=cfg.eval.batches,
+        sharding=batch_sharding,
+        byte_table=token_bytes(tokenizer, cfg.model.vocab_size),
+    )
 
     checkpointer = Checkpointer(cfg.checkpoint, run_dir)
     data_layout = {
@@ -307,11 +275,12 @@ def train(cfg: Config) -> dict[str, Any]:
         record = progress.record(step, values) or {}
         if eval_due and not preempted:
             eval_start = time.perf_counter()
-            eval_result = evaluate(steps.eval, state.params, eval_batches)
+            eval_result = evaluate(steps.eval, state.params, eval_data)
             progress.throughput.exclude(time.perf_counter() - eval_start)
             log(
                 f"eval at step {step}: loss {eval_result['eval_loss']:.4f}  "
-                f"perplexity {eval_result['eval_perplexity']:.2f}"
+                f"perplexity {eval_result['eval_perplexity']:.2f}  "
+                f"bits/byte {eval_result['eval_bpb']:.4f}"
             )
             record.update(eval_result)
         if record:
@@ -330,7 +299,8 @@ def train(cfg: Config) -> dict[str, Any]:
     checkpointer.close()
     writer.close()
     if not eval_result:  # a finished run restarted: nothing left to train, report where it is
-        eval_result = evaluate(steps.eval, state.params, eval_batches)
+        eval_result = evaluate(steps.eval, state.params, eval_data)
+    samples = write_samples(cfg, state.params, tokenizer)
 
     summary = {
         "steps": cfg.train.steps,
@@ -339,6 +309,7 @@ def train(cfg: Config) -> dict[str, Any]:
         **({"source_tokens": progress.source_tokens} if len(data.names) > 1 else {}),
         "final_train_loss": progress.last_loss,
         **eval_result,
+        **({"samples": samples} if samples else {}),
         "unigram_entropy": pipeline.unigram_entropy(data.held_out[0].docs, tokenizer),
         "state_hash": state_hash(state),
         "compile_s": steps.compile_s,
@@ -354,6 +325,27 @@ def train(cfg: Config) -> dict[str, Any]:
         f"{summary['unigram_entropy']:.4f}"
     )
     return summary
+
+
+def write_samples(cfg: Config, params: Any, tokenizer: Any) -> list[dict[str, str]]:
+    """Greedy continuations of `eval.sample_prompts`, printed: what the model writes."""
+    if not cfg.eval.sample_prompts:
+        return []
+    if jax.process_count() > 1:  # decoding reads tokens back from arrays no process holds whole
+        log("eval.sample_prompts: not sampled with several processes; use python -m "
+            "maxlm.generate --checkpoint=<run.dir> afterwards")  # fmt: skip
+        return []
+    model = state_lib.model_from_params(cfg.model, params)
+    continuations = generate.continue_texts(
+        model, tokenizer, cfg.eval.sample_prompts, max_new_tokens=cfg.eval.sample_tokens,
+        add_bos=cfg.data.add_bos,
+    )  # fmt: skip
+    for prompt, continuation in zip(cfg.eval.sample_prompts, continuations, strict=True):
+        log(f"sample (greedy, {cfg.eval.sample_tokens} tokens): {prompt}\u2502{continuation}")
+    return [
+        {"prompt": p, "continuation": c}
+        for p, c in zip(cfg.eval.sample_prompts, continuations, strict=True)
+    ]
 
 
 class Progress:

@@ -2,6 +2,7 @@
 batches), greedy decoding equals Hugging Face's, sampling semantics, EOS, and the CLI."""
 
 import io
+import json
 
 import jax
 import jax.numpy as jnp
@@ -238,7 +239,8 @@ def run_dir(corpus, tmp_path_factory):
 
     run = tmp_path_factory.mktemp("run")
     extra = ["train.steps=2", "checkpoint.every_steps=2", "eval.every_steps=0"]
-    train(config.load(None, overrides(corpus, run, *extra, "metrics.tensorboard=false")))
+    samples = ["eval.sample_prompts=['def alpha_reads(x):']", "eval.sample_tokens=12"]
+    train(config.load(None, overrides(corpus, run, *extra, *samples, "metrics.tensorboard=false")))
     return run
 
 
@@ -254,6 +256,9 @@ def test_cli_streams_the_greedy_completion_of_one_prompt(run_dir, capsys):
     new = generate(model, [ids], max_new_tokens=12, eos_id=tokenizer.eos_id)[0]
     completion = tokenizer.decode(ids + new)[len(tokenizer.decode(ids)) :]
     assert new and completion
+    # the run printed the same greedy continuation at its end (eval.sample_prompts)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["samples"] == [{"prompt": prompt, "continuation": completion}]
     assert out == prompt + completion + "\n"
 
 
