@@ -223,7 +223,10 @@ class Checkpointer:
     def close(self, timeout_s: float | None = None) -> None:
         """Wait for pending writes to commit (at most `timeout_s`: a preemption's grace)."""
         if timeout_s is None:
-            self._manager.wait_until_finished()
+            try:
+                self._manager.wait_until_finished()
+            except Exception as err:  # the last save failed after the loop's last check
+                raise self._write_error(-1, err) from err
             self._manager.close()
             return
         waiter = threading.Thread(target=self._manager.wait_until_finished, daemon=True)

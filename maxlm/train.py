@@ -456,10 +456,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    except (StabilityError, CheckpointError) as err:
+    except StabilityError as err:
         print(f"error: {err}", file=sys.stderr)
         exit_without_peers(1)
         raise SystemExit(1) from None
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        # now: orbax's exit handlers would re-raise the failed background write as a traceback
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     except Exception:
         if jax.distributed.is_initialized():  # else Python prints it on the way out
             traceback.print_exc()
