@@ -31,7 +31,7 @@ import safetensors
 import safetensors.numpy
 import yaml
 
-from maxlm import state as state_lib
+from maxlm import cli, state as state_lib
 from maxlm.checkpoint import CONFIG_FILE, open_model, tokenizer_filename
 from maxlm.config import ConfigError, ModelConfig, RopeScalingConfig
 from maxlm.data.tokenizer import Tokenizer, read_tokenizer
@@ -496,8 +496,10 @@ def maxlm_to_hf(
     """Write the model at `checkpoint` (run dir, step dir or converted model) as a Hugging Face
     folder `LlamaForCausalLM.from_pretrained` loads: config.json, safetensors shards with an
     index, tokenizer files. `dtype` defaults to the converted source's, else float32."""
-    saved = open_model(checkpoint)
     out = Path(out_dir)
+    if list(out.glob("*.safetensors")):
+        raise ConversionError(f"{out}: already holds safetensors files; give an empty folder")
+    saved = open_model(checkpoint)
     side = saved.directory / "hf"
     base = (
         json.loads((side / "config.json").read_text()) if (side / "config.json").is_file() else None
@@ -563,8 +565,6 @@ def _write_shards(
         total += tensor.nbytes
     if shard:
         flush()
-    for old in out.glob("model*.safetensors"):
-        old.unlink()
     for i, (temporary, names) in enumerate(written):
         final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
         (out / temporary).rename(out / final)
@@ -604,7 +604,7 @@ def _write_tokenizer(tokenizer: Tokenizer, side: Path, out: Path, config: dict[s
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.Parser(
         prog="python -m maxlm.convert",
         description="Convert LLaMA checkpoints between Hugging Face folders and maxlm.",
     )
@@ -624,8 +624,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         if args.command == "hf-to-maxlm":
             out = hf_to_maxlm(args.hf_dir, args.out_dir, dtype=args.dtype)
             print(f"wrote {out}: train from it with checkpoint.init_from={out}")
@@ -635,7 +635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_shard_bytes=args.max_shard_mb * 2**20,
             )  # fmt: skip
             print(f"wrote {out}: LlamaForCausalLM.from_pretrained({str(out)!r})")
-    except (ConversionError, ConfigError) as err:
+    except (cli.UsageError, ConversionError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

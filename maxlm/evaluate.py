@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from tokenizers import pre_tokenizers
 
-from maxlm import mesh as mesh_lib, sharding as sharding_lib, state as state_lib, train_step
+from maxlm import cli, mesh as mesh_lib, sharding as sharding_lib, state as state_lib, train_step
 from maxlm.checkpoint import CheckpointError, open_model
 from maxlm.config import Config, ConfigError, TokenizerConfig
 from maxlm.data import global_batch, mixture, pipeline
@@ -402,7 +402,7 @@ def evaluate_checkpoint(
     )
     data_held_out = load_held_out(
         data.held_out,
-        _layout(cfg, data.tokenizer),
+        pipeline.Layout.of_run(cfg, data.tokenizer),
         batch_size=rows // jax.process_count(),
         num_batches=None if batches == "all" else batches or cfg.eval.batches,
         sharding=batch_sharding,
@@ -424,42 +424,12 @@ def _with_saved_tokenizer(cfg: Config, tokenizer_file: Path | None) -> Config:
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"tokenizer": tokenizer})})
 
 
-def _layout(cfg: Config, tokenizer: Tokenizer) -> pipeline.Layout:
-    """Rows laid out as `maxlm.train` lays them out (a test checks the losses agree)."""
-    return pipeline.Layout(
-        tokenizer=tokenizer,
-        seq_len=cfg.train.seq_len,
-        add_bos=cfg.data.add_bos,
-        add_eos=cfg.data.add_eos,
-        shuffle_window=cfg.data.shuffle_window,
-        packing=cfg.data.packing,
-        prefix_fields=cfg.data.needs_prefix,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-
-
-class _UsageError(Exception):
-    """A bad flag: printed as one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # argparse prints usage; we print one line
-        raise _UsageError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = cli.Parser(
         prog="python -m maxlm.eval",
         description="Held-out loss, perplexity and bits per byte of a checkpoint, per source.",
     )
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="PATH",
-        help="A run directory (its newest checkpoint), <run>/checkpoints/<step>, or a converted "
-        "model directory.",
-    )
+    cli.add_checkpoint_argument(parser)
     parser.add_argument(
         "--batches",
         metavar="N|all",
@@ -485,7 +455,7 @@ def _batches_flag(text: str | None) -> int | Literal["all"] | None:
     try:
         return int(text)
     except ValueError:
-        raise _UsageError(f"--batches: a positive number or 'all', got {text!r}") from None
+        raise cli.UsageError(f"--batches: a positive number or 'all', got {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -496,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = evaluate_checkpoint(
             args.checkpoint, args.overrides, batches=_batches_flag(args.batches)
         )
-    except (_UsageError, ConfigError, CheckpointError, OSError) as err:
+    except (cli.UsageError, ConfigError, CheckpointError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if jax.process_index() == 0:

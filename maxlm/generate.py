@@ -14,14 +14,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from maxlm import state as state_lib
+from maxlm import cli, state as state_lib
 from maxlm.checkpoint import CheckpointError, open_model
 from maxlm.data.tokenizer import Tokenizer
 from maxlm.model import KVCache, Llama
@@ -229,9 +229,6 @@ def generate(
     return new
 
 
-# ---------------------------------------------------------------------------- command line
-
-
 def continue_texts(
     model: Llama,
     tokenizer: Tokenizer,
@@ -251,27 +248,15 @@ def continue_texts(
     return [_continuation(tokenizer, p, n) for p, n in zip(prompts, new, strict=True)]
 
 
-class _UsageError(Exception):
-    """A bad flag: printed as one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # argparse's usage dump becomes one line
-        raise _UsageError(message)
+# ---------------------------------------------------------------------------- command line
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = cli.Parser(
         prog="python -m maxlm.generate",
         description="Generate text from a trained or converted maxlm model.",
     )
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="PATH",
-        help="A run directory (its newest checkpoint), <run>/checkpoints/<step>, or a converted "
-        "model directory.",
-    )
+    cli.add_checkpoint_argument(parser)
     parser.add_argument("--prompt", action="append", default=[], help="Prompt text (repeatable).")
     parser.add_argument("--prompts-file", metavar="FILE", help="One prompt per line.")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="New tokens at most.")
@@ -295,10 +280,10 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         try:
             lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
         except OSError as err:
-            raise _UsageError(f"--prompts-file: {err.strerror}: {args.prompts_file}") from None
+            raise cli.UsageError(f"--prompts-file: {err.strerror}: {args.prompts_file}") from None
         prompts += [line for line in lines if line.strip()]
     if not prompts:
-        raise _UsageError("give at least one --prompt or a --prompts-file with prompts")
+        raise cli.UsageError("give at least one --prompt or a --prompts-file with prompts")
     return prompts
 
 
@@ -378,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _run(_parser().parse_intermixed_args(argv))
     except (
-        _UsageError,
+        cli.UsageError,
         ValueError,
         CheckpointError,
         OSError,

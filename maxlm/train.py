@@ -111,17 +111,7 @@ def train(cfg: Config) -> dict[str, Any]:
     )
     log(f"compiled train step in {steps.compile_s:.1f} s{detail}")
 
-    layout = pipeline.Layout(
-        tokenizer=tokenizer,
-        seq_len=cfg.train.seq_len,
-        add_bos=cfg.data.add_bos,
-        add_eos=cfg.data.add_eos,
-        shuffle_window=cfg.data.shuffle_window,
-        packing=cfg.data.packing,
-        prefix_fields=cfg.data.needs_prefix,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    layout = pipeline.Layout.of_run(cfg, tokenizer)
     local_batch = cfg.train.global_batch_size // jax.process_count()
     train_iter = iter(
         pipeline.train_dataset(

@@ -308,3 +308,11 @@ def test_bad_inputs_name_the_tensor_or_file(tmp_path, capsys):
     assert convert.main(["hf-to-maxlm", str(source), str(tmp_path / "ok")]) == 0
     assert convert.main(["hf-to-maxlm", str(source), str(tmp_path / "ok")]) == 2
     assert "already holds a converted model" in capsys.readouterr().err
+    # the way back never writes over another model's shards
+    before = {f.name: f.read_bytes() for f in source.iterdir()}
+    assert convert.main(["maxlm-to-hf", str(tmp_path / "ok"), str(source)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {source}: already holds safetensors")
+    assert {f.name: f.read_bytes() for f in source.iterdir()} == before
+    assert convert.main(["hf-to-maxlm", str(source), str(tmp_path / "x"), "--dtype=int8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: argument --dtype: invalid choice") and err.count("\n") == 1

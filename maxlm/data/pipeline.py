@@ -25,10 +25,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 from absl import flags
 
-from maxlm.config import ConfigError, ObjectiveKind
+from maxlm.config import Config, ConfigError, ObjectiveKind
 from maxlm.data import objectives as objectives_lib
 from maxlm.data.sources import Documents
 from maxlm.data.tokenizer import Tokenizer
@@ -65,6 +66,21 @@ class Layout:
             raise ConfigError("data.add_bos: the tokenizer has no BOS token")
         if self.add_eos and self.tokenizer.eos_id is None:
             raise ConfigError("data.add_eos: the tokenizer has no EOS token")
+
+    @classmethod
+    def of_run(cls, cfg: Config, tokenizer: Tokenizer) -> Layout:
+        """The layout a run's config gives this process (training and `maxlm.eval` alike)."""
+        return cls(
+            tokenizer=tokenizer,
+            seq_len=cfg.train.seq_len,
+            add_bos=cfg.data.add_bos,
+            add_eos=cfg.data.add_eos,
+            shuffle_window=cfg.data.shuffle_window,
+            packing=cfg.data.packing,
+            prefix_fields=cfg.data.needs_prefix,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
 
     @property
     def fields(self) -> tuple[str, ...]:

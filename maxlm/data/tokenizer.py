@@ -22,6 +22,7 @@ import tokenizers
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from maxlm import cli
 from maxlm.config import ConfigError, SourceConfig, TokenizerConfig
 from maxlm.data.sources import Documents, documents, stable_hash
 
@@ -352,22 +353,18 @@ def _merge_pair(merge: str | list[str]) -> tuple[str, str]:
 # ---------------------------------------------------------------------------- command line
 
 
-class _UsageError(Exception):
-    """A bad flag value: printed as one line naming the flag, exit status 2."""
-
-
 def _train_command(args: argparse.Namespace) -> None:
     minimum = 256 + len(SPECIAL_TOKENS) + 1  # byte alphabet (bpe) / byte fallback (unigram)
     if args.vocab_size < minimum:
-        raise _UsageError(f"--vocab-size: must be at least {minimum}, got {args.vocab_size}")
+        raise cli.UsageError(f"--vocab-size: must be at least {minimum}, got {args.vocab_size}")
     try:
         corpus = documents(
             SourceConfig(kind="text_files", paths=args.input, document_per=args.document_per)
         )
     except ConfigError as err:
-        raise _UsageError(f"--input: {str(err).split(': ', 1)[-1]}") from None
+        raise cli.UsageError(f"--input: {str(err).split(': ', 1)[-1]}") from None
     if len(corpus) == 0:
-        raise _UsageError("--input: the files hold no documents")
+        raise cli.UsageError("--input: the files hold no documents")
     if args.kind == "bpe":
         tokenizer: Tokenizer = HuggingFaceTokenizer.from_bytes(
             train_bpe(corpus, args.vocab_size).to_str().encode("utf-8")
@@ -376,7 +373,7 @@ def _train_command(args: argparse.Namespace) -> None:
         try:
             tokenizer = SentencePieceTokenizer.from_bytes(train_unigram(corpus, args.vocab_size))
         except RuntimeError as err:  # e.g. "Vocabulary size too high" for a small corpus
-            raise _UsageError(f"--vocab-size: {str(err).strip().splitlines()[-1]}") from None
+            raise cli.UsageError(f"--vocab-size: {str(err).strip().splitlines()[-1]}") from None
     tokenizer.save(args.out)
     sample = list(_texts(corpus, _training_sample(corpus)))
     print(f"wrote {args.out}")
@@ -387,15 +384,15 @@ def _train_command(args: argparse.Namespace) -> None:
 
 def _extend_command(args: argparse.Namespace) -> None:
     if args.max_new is not None and args.max_new < 0:
-        raise _UsageError(f"--max-new: must be >= 0, got {args.max_new}")
+        raise cli.UsageError(f"--max-new: must be >= 0, got {args.max_new}")
     for flag, path in (("--base", args.base), ("--domain", args.domain)):
         if not Path(path).is_file():
-            raise _UsageError(f"{flag}: file not found: {path}")
+            raise cli.UsageError(f"{flag}: file not found: {path}")
     base, domain = read_tokenizer(args.base), read_tokenizer(args.domain)
     try:
         extended, new_ids = extend_vocabulary(base, domain, max_new=args.max_new)
     except ValueError as err:
-        raise _UsageError(str(err)) from None
+        raise cli.UsageError(str(err)) from None
     extended.save(args.out)
     span = f"{new_ids[0]}..{new_ids[-1]}" if new_ids else "none"
     print(f"wrote {args.out}")
@@ -407,7 +404,7 @@ def _extend_command(args: argparse.Namespace) -> None:
         try:
             corpus = documents(SourceConfig(kind="text_files", paths=args.sample))
         except ConfigError as err:
-            raise _UsageError(f"--sample: {str(err).split(': ', 1)[-1]}") from None
+            raise cli.UsageError(f"--sample: {str(err).split(': ', 1)[-1]}") from None
         texts = list(_texts(corpus, _training_sample(corpus)))
         before, after = tokens_per_char(base, texts), tokens_per_char(extended, texts)
         drop = 100 * (1 - after / before) if before else 0.0
@@ -460,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         args.run(args)
-    except _UsageError as err:
+    except cli.UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
