@@ -179,20 +179,21 @@ class Checkpointer:
     def restore_latest(
         self,
         blueprint: Blueprint,
-        iterator: Any,
+        iterator_for: Callable[[int], Any],
         check: Callable[[int, dict[str, Any]], None] = lambda step, progress: None,
         log: Callable[[str], None] = print,
     ) -> tuple[int, TrainState, dict[str, Any]] | None:
         """The newest checkpoint that restores and verifies, as (step, state, progress), or None
-        for an empty directory. Damaged steps are logged and quarantined on the way back;
-        `check(step, progress)` may refuse a step with a ConfigError (which is not damage)."""
+        for an empty directory; its data position goes into `iterator_for(step)` (a fresh
+        iterator of that step's stage). Damaged steps are logged and quarantined on the way
+        back; `check(step, progress)` may refuse a step with a ConfigError (not damage)."""
         steps = self.all_steps()
         if not steps:
             return None
         for step in reversed(steps):
             try:
                 check(step, self.progress(step))
-                state, progress = self.restore(step, blueprint, iterator)
+                state, progress = self.restore(step, blueprint, iterator_for(step))
                 return step, state, progress
             except ConfigError:
                 raise

@@ -7,6 +7,7 @@ Every key, its default and its one-line description live here and nowhere else;
 from __future__ import annotations
 
 import difflib
+import itertools
 import re
 import sys
 from collections.abc import Sequence
@@ -235,6 +236,11 @@ class ScheduleConfig(Section):
     decay_shape: Literal["linear", "cosine", "exponential", "1-sqrt"] = _field(
         "linear", "wsd: shape of the decay phase."
     )
+    unit: Literal["steps", "tokens"] = _field(
+        "steps",
+        "What the schedule's lengths (warmup, decay) count: steps, or tokens (differs from "
+        "steps only while the batch size changes: train.batch_ramp).",
+    )
 
 
 class AdamWConfig(Section):
@@ -261,7 +267,20 @@ class LionConfig(Section):
     b2: float = _field(0.99, "Momentum decay.", ge=0, lt=1)
 
 
-OptimizerKind = Annotated[AdamWConfig | AdafactorConfig | LionConfig, Field(discriminator="kind")]
+class SophiaConfig(Section):
+    kind: Literal["sophia"] = "sophia"
+    b1: float = _field(0.965, "Gradient EMA (momentum) decay.", ge=0, lt=1)
+    b2: float = _field(0.99, "Decay of the diagonal-Hessian EMA, per estimate.", ge=0, lt=1)
+    rho: float = _field(0.04, "Update clip(m / max(rho * h, eps), 1): the paper's gamma.", gt=0)
+    eps: float = _field(1e-12, "Floor of rho * h in the denominator.", gt=0)
+    update_hessian_every: int = _field(
+        10, "Steps between Gauss-Newton-Bartlett Hessian estimates (the paper's k).", gt=0
+    )
+
+
+OptimizerKind = Annotated[
+    AdamWConfig | AdafactorConfig | LionConfig | SophiaConfig, Field(discriminator="kind")
+]
 
 
 class OptimConfig(Section):
@@ -582,6 +601,53 @@ class PrepareConfig(Section):
 # --------------------------------------------------------------------------- train / eval / log
 
 
+class BatchRampConfig(Section):
+    start_tokens: int = _field(
+        0,
+        "Global batch (tokens) of the first step; it grows to train.global_batch_size x seq_len "
+        "in whole micro-batches (0: no ramp).",
+        ge=0,
+    )
+    ramp_steps: int = _field(0, "Steps over which the batch grows linearly to its end.", ge=0)
+    ramp_tokens: int = _field(
+        0, "Or: tokens over which the batch grows (instead of ramp_steps).", ge=0
+    )
+    increment_tokens: int = _field(
+        0, "The batch grows in steps of this many tokens (0: one micro-batch).", ge=0
+    )
+    follow_noise_scale: bool = _field(
+        False,
+        "Also grow the batch by one increment whenever the measured gradient noise scale "
+        "(train.noise_scale) exceeds it; never shrinks.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.start_tokens > 0
+
+    @model_validator(mode="after")
+    def _one_length(self) -> BatchRampConfig:
+        if self.ramp_steps and self.ramp_tokens:
+            raise ValueError("ramp_tokens: give ramp_steps or ramp_tokens, not both")
+        if self.enabled and not (self.ramp_steps or self.ramp_tokens or self.follow_noise_scale):
+            raise ValueError(
+                "ramp_steps: a batch ramp needs ramp_steps, ramp_tokens or follow_noise_scale"
+            )
+        return self
+
+
+class NoiseScaleConfig(Section):
+    every_steps: int = _field(
+        0,
+        "Measure the gradient noise scale B_simple every N steps from the micro-batch and "
+        "accumulated gradient norms (0: off; needs 2+ micro-batches per step).",
+        ge=0,
+    )
+    ema_decay: float = _field(
+        0.95, "Exponential smoothing of |G|^2 and tr(Sigma) across measurements.", ge=0, lt=1
+    )
+
+
 class TrainConfig(Section):
     steps: int = _field(1000, "Optimizer steps to train.", gt=0)
     global_batch_size: int = _field(8, "Sequences per optimizer step, over all devices.", gt=0)
@@ -595,6 +661,17 @@ class TrainConfig(Section):
         "B x T x vocab logits.",
         ge=0,
     )
+    batch_ramp: BatchRampConfig = _field(
+        BatchRampConfig(), "Batch-size warmup: fixed micro-batch, growing micro-batch count."
+    )
+    noise_scale: NoiseScaleConfig = _field(
+        NoiseScaleConfig(), "Gradient noise scale / critical batch size measurement."
+    )
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Sequences per micro-batch (the compiled batch shape), over all devices."""
+        return self.global_batch_size // self.grad_accum_steps
 
     @property
     def tokens_per_step(self) -> int:
@@ -635,6 +712,18 @@ class CheckpointConfig(Section):
         "A checkpoint step directory (<run>/checkpoints/<step>) whose parameters start a new "
         "run with a fresh optimizer and schedule (continual pretraining); ignored on resume.",
     )
+    branch_from: str | None = _field(
+        None,
+        "A checkpoint step directory (<run>/checkpoints/<step>) whose whole state (parameters, "
+        "optimizer, step, data position) this new run continues from under its own config, "
+        "e.g. a WSD decay branched from a stable-stage step; ignored on resume.",
+    )
+    new_token_init: Literal["mean", "subtokens"] = _field(
+        "mean",
+        "init_from into a larger model.vocab_size: new embedding / output-head rows start as the "
+        "mean of the old rows, or (subtokens) of the rows of each new token's pieces under the "
+        "checkpoint's tokenizer.",
+    )
     preemption_grace_s: float = _field(
         300.0,
         "On SIGTERM / SIGINT: finish the step, save, wait for the commit, exit 0; give up on the "
@@ -671,6 +760,41 @@ class MetricsConfig(Section):
     tensorboard: bool = _field(True, "Also write TensorBoard event files to the run directory.")
 
 
+class StageConfig(Section):
+    name: str = _field("stage", "Shown in logs and metrics (e.g. warmup, stable, long_context).")
+    steps: int = _field(0, "Length in optimizer steps (or give tokens).", ge=0)
+    tokens: int = _field(
+        0, "Length in tokens, rounded up to whole steps of this stage's batch.", ge=0
+    )
+    lr: Literal["warmup", "stable", "decay"] = _field(
+        "stable",
+        "This stage's part of the schedule: warmup (0 to optim.lr), stable (optim.lr) or decay "
+        "(optim.lr to optim.schedule.min_lr_ratio x it, shaped by optim.schedule.decay_shape).",
+    )
+    seq_len: int | None = _field(None, "Sequence length (default: train.seq_len).", gt=0)
+    global_batch_size: int | None = _field(
+        None, "Sequences per step (default: train.global_batch_size).", gt=0
+    )
+    rope_theta: float | None = _field(None, "RoPE base (default: model.rope_theta).", gt=0)
+    mixture: dict[str, float] = _field(
+        {}, "Source name -> weight in this stage (default: data.sources' weights)."
+    )
+
+    @model_validator(mode="after")
+    def _one_length(self) -> StageConfig:
+        if bool(self.steps) == bool(self.tokens):
+            raise ValueError("steps: give a stage's length as steps or tokens (exactly one)")
+        return self
+
+    def num_steps(self, train: TrainConfig) -> int:
+        if self.steps:
+            return self.steps
+        tokens_per_step = (self.global_batch_size or train.global_batch_size) * (
+            self.seq_len or train.seq_len
+        )
+        return -(-self.tokens // tokens_per_step)
+
+
 class Config(Section):
     run: RunConfig = _field(RunConfig(), "Run directory and seed.")
     mesh: MeshConfig = _field(MeshConfig(), "Device mesh axis sizes.")
@@ -686,6 +810,64 @@ class Config(Section):
     )
     prepare: PrepareConfig = _field(PrepareConfig(), "Offline cleaning, dedup and tokenization.")
     metrics: MetricsConfig = _field(MetricsConfig(), "Logging.")
+    stages: list[StageConfig] = _field(
+        [],
+        "Training stages in order (e.g. warmup, stable, long-context, anneal), each with its "
+        "length, part of the lr schedule, sequence length, batch, RoPE base and mixture; "
+        "train.steps defaults to their total. docs/recipes.md.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_from_stages(cls, data: Any) -> Any:
+        """train.steps left out of a staged config is the stages' total."""
+        if not (isinstance(data, dict) and data.get("stages")):
+            return data
+        train = dict(data.get("train") or {})
+        if "steps" in train:
+            return data
+        try:
+            train_cfg = TrainConfig(**{k: v for k, v in train.items() if k != "steps"})
+            total = sum(StageConfig(**s).num_steps(train_cfg) for s in data["stages"])
+        except (ValidationError, TypeError, ValueError):
+            return data  # the field validators name the problem
+        return {**data, "train": {**train, "steps": total}}
+
+    @model_validator(mode="after")
+    def _check_stages(self) -> Config:
+        if not self.stages:
+            return self
+        total = sum(stage.num_steps(self.train) for stage in self.stages)
+        if total != self.train.steps:
+            raise ValueError(
+                f"train.steps: {self.train.steps}, but the stages add up to {total} steps "
+                "(leave train.steps out to use their total)"
+            )
+        if self.train.batch_ramp.enabled:
+            raise ValueError(
+                "train.batch_ramp: not combined with stages; give each stage its "
+                "global_batch_size instead"
+            )
+        if self.data.mixture_stages:
+            raise ValueError("data.mixture_stages: with stages, give each stage its mixture")
+        for k, stage in enumerate(self.stages):
+            for name in stage.mixture:
+                if name not in self.data.sources:
+                    close = difflib.get_close_matches(name, list(self.data.sources), n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    raise ValueError(f"stages.{k}.mixture.{name}: no such source{hint}")
+            if stage.mixture and sum(stage.mixture.values()) <= 0:
+                raise ValueError(f"stages.{k}.mixture: need a positive total weight")
+            rows = stage.global_batch_size or self.train.global_batch_size
+            if rows % self.train.grad_accum_steps:
+                raise ValueError(
+                    f"stages.{k}.global_batch_size: {rows} is not divisible by "
+                    f"train.grad_accum_steps ({self.train.grad_accum_steps})"
+                )
+        pieces = [stage.lr for stage in self.stages]
+        if any(a == b == "decay" for a, b in itertools.pairwise(pieces)):
+            raise ValueError("stages: two decay stages in a row; join them into one")
+        return self
 
     @model_validator(mode="after")
     def _check_cross_section(self) -> Config:
@@ -706,6 +888,7 @@ class Config(Section):
                 raise ValueError(
                     "optim.schedule.min_lr_ratio: exponential decay needs a floor above 0"
                 )
+        self._check_batch_ramp()
         if self.train.global_batch_size % self.train.grad_accum_steps:
             raise ValueError(
                 f"train.grad_accum_steps: train.global_batch_size ({self.train.global_batch_size}) "
@@ -713,6 +896,39 @@ class Config(Section):
                 f"train.grad_accum_steps ({self.train.grad_accum_steps})"
             )
         return self
+
+    def _check_batch_ramp(self) -> None:
+        ramp, train = self.train.batch_ramp, self.train
+        micro_tokens = train.micro_batch_size * train.seq_len
+        if train.noise_scale.every_steps and train.grad_accum_steps < 2:
+            raise ValueError(
+                "train.noise_scale.every_steps: measuring the noise scale needs two batch sizes, "
+                "i.e. train.grad_accum_steps >= 2 (the micro-batch and the whole batch)"
+            )
+        if ramp.follow_noise_scale and not train.noise_scale.every_steps:
+            raise ValueError(
+                "train.batch_ramp.follow_noise_scale: needs train.noise_scale.every_steps > 0"
+            )
+        if not ramp.enabled:
+            return
+        if self.optim.optimizer.kind == "sophia":
+            raise ValueError(
+                "train.batch_ramp: not available with optim.optimizer.kind sophia (its Hessian "
+                "estimate runs inside the fixed-batch step)"
+            )
+        for key in ("start_tokens", "increment_tokens"):
+            value = getattr(ramp, key)
+            if value % micro_tokens:
+                raise ValueError(
+                    f"train.batch_ramp.{key}: {value} is not a whole number of micro-batches of "
+                    f"{micro_tokens} tokens (train.global_batch_size / train.grad_accum_steps "
+                    f"x train.seq_len)"
+                )
+        if ramp.start_tokens > train.tokens_per_step:
+            raise ValueError(
+                f"train.batch_ramp.start_tokens: {ramp.start_tokens} exceeds the final batch "
+                f"of {train.tokens_per_step} tokens (train.global_batch_size x train.seq_len)"
+            )
 
     @property
     def warmup_steps(self) -> int:
@@ -788,10 +1004,12 @@ def load(config_path: str | None = None, overrides: Sequence[str] = ()) -> Confi
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.sub=value")
-    try:
-        node = OmegaConf.merge(node, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"overrides: {str(err).splitlines()[0]}") from err
+        key, value = item.split("=", 1)
+        try:  # update, not merge: a key may index into a list (stages.2.seq_len=8192)
+            parsed = OmegaConf.from_dotlist([f"value={value}"])["value"]
+            OmegaConf.update(node, key, parsed, merge=True)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"override {item!r}: {str(err).splitlines()[0]}") from err
     raw = OmegaConf.to_container(node, resolve=True)
     if not isinstance(raw, dict):
         raise ConfigError(f"{config_path}: expected a mapping of sections at the top level")

@@ -10,8 +10,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from maxlm import stages as stages_lib
+from maxlm.batch_size import BatchRamp
 from maxlm.config import (
     AdafactorConfig,
     AdamWConfig,
@@ -20,7 +23,9 @@ from maxlm.config import (
     LionConfig,
     OptimConfig,
     ScheduleConfig,
+    SophiaConfig,
 )
+from maxlm.sophia import sophia
 
 # --------------------------------------------------------------------------- schedules
 
@@ -154,15 +159,38 @@ def _lion(
     return optax.lion(schedule, b1=opt.b1, b2=opt.b2, weight_decay=weight_decay, mask=mask)
 
 
+def _sophia(
+    opt: SophiaConfig, schedule: optax.Schedule, weight_decay: float, mask: Mask
+) -> optax.GradientTransformation:
+    # The trainer feeds it `hessian=` (maxlm.sophia.gnb_hessian) every update_hessian_every steps.
+    return sophia(
+        schedule,
+        b1=opt.b1,
+        b2=opt.b2,
+        rho=opt.rho,
+        eps=opt.eps,
+        weight_decay=weight_decay,
+        mask=mask,
+        update_hessian_every=opt.update_hessian_every,
+    )
+
+
 _UPDATE_RULES: dict[type, UpdateRule] = {
     AdamWConfig: _adamw,
     AdafactorConfig: _adafactor,
     LionConfig: _lion,
+    SophiaConfig: _sophia,
 }
 
 
-def build_optimizer(cfg: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """Global-norm clipping (unless off), then the update rule chosen by cfg.optimizer's type."""
+def build_optimizer(
+    cfg: OptimConfig, schedule: optax.Schedule
+) -> optax.GradientTransformationExtraArgs:
+    """Global-norm clipping (unless off), then the update rule chosen by cfg.optimizer's type.
+
+    optax.chain forwards update's extra kwargs (sophia's `hessian=`) only to the transforms that
+    take them, so every rule accepts them and the clip never sees (or clips) the Hessian.
+    """
 
     def mask(params: Any) -> Any:
         return weight_decay_mask(params, cfg.decay_embeddings)
@@ -172,7 +200,41 @@ def build_optimizer(cfg: OptimConfig, schedule: optax.Schedule) -> optax.Gradien
     return optax.chain(*clip, rule)
 
 
-def build(cfg: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def over_tokens(cfg: Config) -> optax.Schedule:
+    """The schedule with its lengths in tokens, as a function of the step: the configured batch
+    ramp fixes the tokens before each step (piecewise linear in the step, so interp is exact)."""
+    steps, tokens = BatchRamp(cfg.train).tokens_before()
+    total, warmup = tokens[-1], float(np.interp(cfg.warmup_steps, steps, tokens))
+    in_tokens = build_schedule(cfg.optim.schedule, cfg.optim.lr, int(total), int(warmup))
+    xs, ys = jnp.asarray(steps, jnp.float32), jnp.asarray(tokens, jnp.float32)
+    return lambda count: in_tokens(jnp.interp(jnp.asarray(count, jnp.float32), xs, ys))
+
+
+def staged_schedule(cfg: Config) -> optax.Schedule:
+    """The stages' lr pieces joined at their boundaries: warmup 0 -> peak, stable at peak,
+    decay peak -> floor (optim.schedule.decay_shape), as a function of the 0-based step."""
+    peak = cfg.optim.lr
+    floor = cfg.optim.schedule.min_lr_ratio * peak
+    pieces = []
+    for stage in stages_lib.plan(cfg):
+        length = stage.last - stage.first + 1
+        pieces.append({
+            "warmup": lambda n: optax.linear_schedule(0.0, peak, n),
+            "stable": lambda n: optax.constant_schedule(peak),
+            "decay": lambda n: _decay(cfg.optim.schedule.decay_shape, peak, floor, n),
+        }[cfg.stages[stage.index].lr](length))  # fmt: skip
+    boundaries = [stage.first - 1 for stage in stages_lib.plan(cfg)[1:]]
+    return optax.join_schedules(pieces, boundaries)
+
+
+def build(cfg: Config) -> tuple[optax.GradientTransformationExtraArgs, optax.Schedule]:
     """The optimizer and its schedule for a run (the schedule is also logged as the lr)."""
-    schedule = build_schedule(cfg.optim.schedule, cfg.optim.lr, cfg.train.steps, cfg.warmup_steps)
+    if cfg.stages:
+        schedule = staged_schedule(cfg)
+    elif cfg.optim.schedule.unit == "tokens" and cfg.train.batch_ramp.enabled:
+        schedule = over_tokens(cfg)
+    else:  # a constant batch: tokens are proportional to steps
+        schedule = build_schedule(
+            cfg.optim.schedule, cfg.optim.lr, cfg.train.steps, cfg.warmup_steps
+        )
     return build_optimizer(cfg.optim, schedule), schedule

@@ -20,24 +20,27 @@ from maxlm import (
     estimate,
     generate,
     mesh as mesh_lib,
+    stages as stages_lib,
     state as state_lib,
     train_step,
+    vocab,
 )
+from maxlm.batch_size import BatchRamp
 from maxlm.checkpoint import (
     CONFIG_FILE,
     Checkpointer,
     CheckpointError,
     PreemptionWatch,
-    load_params,
     state_hash,
     tokenizer_filename,
 )
-from maxlm.config import Config, ConfigError
+from maxlm.config import CheckpointConfig, Config, ConfigError
 from maxlm.data import global_batch, mixture, pipeline
 from maxlm.evaluate import evaluate, load_held_out, token_bytes
 from maxlm.faults import Faults
 from maxlm.metrics import MetricsWriter, Throughput, format_duration, format_progress
 from maxlm.model import compute_dtype
+from maxlm.noise_scale import NoiseScale
 from maxlm.stability import SpikeMonitor, StabilityError
 from maxlm.state import TrainState
 
@@ -91,7 +94,11 @@ def train(cfg: Config) -> dict[str, Any]:
     if jax.process_index() == 0:  # beside the checkpoints, so generate and eval need no config
         tokenizer.save(run_dir / tokenizer_filename(tokenizer))
 
-    steps = train_step.build(cfg, mesh)
+    ramp = BatchRamp(cfg.train)
+    checkpointer = Checkpointer(cfg.checkpoint, run_dir)
+    runtime = StageRuntime(cfg, mesh, data, ramp)
+    latest = checkpointer.latest_step() or 0
+    steps = runtime.steps(stages_lib.stage_of(runtime.plan, latest + 1))
     blue, batch_sharding = steps.blueprint, steps.batch_sharding
     n_params = state_lib.count_params(blue.abstract.params)
     params_bytes = state_lib.bytes_per_device(blue.abstract.params, blue.shardings.params)
@@ -100,44 +107,9 @@ def train(cfg: Config) -> dict[str, Any]:
         f"model: {n_params:,} parameters; per device: params {params_bytes / 2**20:.1f} MiB, "
         f"optimizer state {opt_bytes / 2**20:.1f} MiB"
     )
-    memory = steps.train.memory_analysis()
-    detail = (
-        ""
-        if memory is None
-        else (
-            f"; per device: arguments {memory.argument_size_in_bytes / 2**20:.1f} MiB, "
-            f"temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB"
-        )
-    )
-    log(f"compiled train step in {steps.compile_s:.1f} s{detail}")
-
-    layout = pipeline.Layout.of_run(cfg, tokenizer)
-    local_batch = cfg.train.global_batch_size // jax.process_count()
-    train_iter = iter(
-        pipeline.train_dataset(
-            data.train,
-            layout,
-            batch_size=local_batch,
-            seed=cfg.run.seed,
-            stages=mixture.stages(cfg.data, local_batch),
-            num_workers=cfg.data.num_workers,
-        )
-    )
-    eval_data = load_held_out(
-        data.held_out,
-        layout,
-        batch_size=local_batch,
-        num_batches=cfg.eval.batches,
-        sharding=batch_sharding,
-        byte_table=token_bytes(tokenizer, cfg.model.vocab_size),
-    )
-
-    checkpointer = Checkpointer(cfg.checkpoint, run_dir)
-    data_layout = {
-        "data.sources": data.names,
-        "data.num_workers": cfg.data.num_workers,
-        "processes": jax.process_count(),
-    }
+    if steps.micro:
+        log(f"batch ramp: {ramp.start} to {ramp.end} micro-batches of {ramp.micro_tokens:,} "
+            f"tokens per step, in increments of {ramp.increment}")  # fmt: skip
 
     def resumable(step: int, saved: dict[str, Any]) -> None:
         """A checkpoint of another tokenizer or data layout must not be resumed."""
@@ -147,8 +119,8 @@ def train(cfg: Config) -> dict[str, Any]:
                 f"trained with tokenizer {saved['tokenizer_fingerprint'][:12]}, but this run's "
                 f"tokenizer is {tokenizer.fingerprint[:12]}"
             )
-        for key, value in data_layout.items():
-            if saved["layout"][key] != value:
+        for key, value in runtime.data_layout(step).items():
+            if saved["layout"].get(key, value) != value:
                 raise ConfigError(
                     f"{key}: the checkpoint of step {step} in {checkpointer.directory} was written "
                     f"with {saved['layout'][key]!r}, this run has {value!r}; resume with the same "
@@ -157,25 +129,34 @@ def train(cfg: Config) -> dict[str, Any]:
 
     events = Events(run_dir)
     monitor = SpikeMonitor(cfg.stability)
-    restored = checkpointer.restore_latest(blue, train_iter, resumable, log)
+    noise = NoiseScale(cfg.train.noise_scale.ema_decay)
+    noise_every = cfg.train.noise_scale.every_steps
+    restored = checkpointer.restore_latest(blue, runtime.open_data, resumable, log)
+    if restored is None and cfg.checkpoint.branch_from:
+        restored = branch(cfg.checkpoint, blue, runtime.open_data, resumable)
+    stage, train_iter = runtime.opened
     if restored is not None:
         start, state, saved = restored
         monitor.load_state_dict(saved["stability"])
+        ramp.load_state_dict(saved.get("batch_ramp", {}))
+        noise.load_state_dict(saved.get("noise_scale", {}))
         log(f"resumed from the checkpoint of step {start} in {checkpointer.directory}")
     else:
         start, saved = 0, {}
         state = state_lib.init(cfg, steps.optimizer, blue)
         if cfg.checkpoint.init_from:
-            state = state.replace(
-                params=load_params(
-                    cfg.checkpoint.init_from, blue.abstract.params, blue.shardings.params
-                )
-            )
+            params = vocab.init_from(
+                cfg.checkpoint.init_from, blue.abstract.params, blue.shardings.params,
+                tokenizer=tokenizer, new_token_init=cfg.checkpoint.new_token_init, log=log,
+            )  # fmt: skip
+            state = state.replace(params=params)
             log(f"parameters from {cfg.checkpoint.init_from}; fresh optimizer and schedule")
     batches_consumed = int(saved.get("batches_consumed", start))
 
+    steps = runtime.steps(stage)
+    eval_data = runtime.held_out(stage)
     peak, peak_source = estimate.peak_flops(jax.devices(), compute_dtype(cfg.model.dtype).name)
-    flops_per_token = estimate.flops_per_token(cfg.model, cfg.train.seq_len)
+    flops_per_token = estimate.flops_per_token(cfg.model, stage.cfg.train.seq_len)
     log(f"MFU is against the {peak_source}; {flops_per_token / 1e6:.1f} MFLOP per token")
     writer = MetricsWriter(run_dir, cfg.metrics.tensorboard, resume_step=start)
     progress = Progress(
@@ -185,19 +166,23 @@ def train(cfg: Config) -> dict[str, Any]:
         start,
         float(saved.get("tokens_seen", 0.0)),
         dict(saved.get("source_tokens", {})),
+        noise if noise_every else None,
+        ramp if steps.micro else None,
     )
     eval_result: dict[str, float] = {}
     faults = Faults()
     preemption = PreemptionWatch()
 
-    def progress_json() -> dict[str, Any]:
+    def progress_json(step: int) -> dict[str, Any]:
         return {
             "tokens_seen": progress.tokens_seen,
             "source_tokens": progress.source_tokens,
             "batches_consumed": batches_consumed,
             "tokenizer_fingerprint": tokenizer.fingerprint,
-            "layout": data_layout,
+            "layout": runtime.data_layout(step),
             "stability": monitor.state_dict(),
+            "batch_ramp": ramp.state_dict(),
+            "noise_scale": noise.state_dict(),
             "config": cfg.model_dump(mode="json"),
         }
 
@@ -213,16 +198,20 @@ def train(cfg: Config) -> dict[str, Any]:
 
     def restore_and_skip(bad_step: int) -> tuple[int, TrainState]:
         """Back to the newest good checkpoint, then past the next stability.skip_batches."""
-        nonlocal batches_consumed
+        nonlocal batches_consumed, stage, train_iter, steps, eval_data
         checkpointer.wait()
-        back = checkpointer.restore_latest(blue, train_iter, resumable, log)
+        back = checkpointer.restore_latest(blue, runtime.open_data, resumable, log)
         if back is None:
             raise StabilityError(
                 f"step {bad_step}: a loss spike, but no checkpoint to go back to "
                 "(checkpoint.every_steps is 0 or no step was saved yet)"
             )
         good_step, good_state, good = back
+        stage, train_iter = runtime.opened
+        steps, eval_data = runtime.steps(stage), runtime.held_out(stage)
         monitor.after_restore(good_step)
+        ramp.load_state_dict(good.get("batch_ramp", {}))
+        noise.load_state_dict(good.get("noise_scale", {}))
         progress.rewind(good_step, good["tokens_seen"], good["source_tokens"])
         batches_consumed = int(good["batches_consumed"])
         skipped = []
@@ -238,11 +227,21 @@ def train(cfg: Config) -> dict[str, Any]:
     step = start
     while step < cfg.train.steps:
         step += 1
-        host_batch = next(train_iter)
-        batches_consumed += 1
-        faults.batch(step, host_batch, cfg.model.vocab_size)
-        faults.note_batch(step, host_batch)
-        state, metrics = steps.train(state, global_batch.to_global(host_batch, batch_sharding))
+        if step > stage.last:  # the next stage: its compiled step, its data stream
+            stage = stages_lib.stage_of(runtime.plan, step)
+            train_iter = runtime.open_data(step)
+            steps, eval_data = runtime.steps(stage), runtime.held_out(stage)
+            progress.enter(stage)
+            events.write(step, "stage", name=stage.name, index=stage.index)
+        count = ramp.micro_batches(step) if steps.micro else 1
+        host_batches = [next(train_iter) for _ in range(count)]
+        batches_consumed += count
+        faults.batch(step, host_batches[0], cfg.model.vocab_size)
+        faults.note_batch(step, host_batches[0])
+        measure = bool(noise_every) and count > 1 and (step - 1) % noise_every == 0
+        state, metrics = steps.run(
+            state, [global_batch.to_global(b, batch_sharding) for b in host_batches], measure
+        )
         faults.after_dispatch(step)
         checkpointer.check_for_errors(step)
         # the previous step's metrics, while this one runs
@@ -271,12 +270,17 @@ def train(cfg: Config) -> dict[str, Any]:
                 f"eval at step {step}: loss {eval_result['eval_loss']:.4f}  "
                 f"perplexity {eval_result['eval_perplexity']:.2f}  "
                 f"bits/byte {eval_result['eval_bpb']:.4f}"
+                + "".join(  # several sources: upstream vs downstream side by side
+                    f"  {name} {eval_result[f'eval_loss/{name}']:.4f}"
+                    for name in data.names
+                    if f"eval_loss/{name}" in eval_result
+                )
             )
             record.update(eval_result)
         if record:
             writer.write(step, record)
         if save_due:
-            checkpointer.save(step, state, train_iter, progress_json())
+            checkpointer.save(step, state, train_iter, progress_json(step))
             faults.after_save(step)
         if preempted:
             log(f"preempted: saved step {step}; waiting for it to commit")
@@ -290,7 +294,7 @@ def train(cfg: Config) -> dict[str, Any]:
     writer.close()
     if not eval_result:  # a finished run restarted: nothing left to train, report where it is
         eval_result = evaluate(steps.eval, state.params, eval_data)
-    samples = write_samples(cfg, state.params, tokenizer)
+    samples = write_samples(stage.cfg, state.params, tokenizer)
 
     summary = {
         "steps": cfg.train.steps,
@@ -317,6 +321,26 @@ def train(cfg: Config) -> dict[str, Any]:
     return summary
 
 
+def branch(
+    cfg: CheckpointConfig, blue: state_lib.Blueprint, iterator_for: Any, check: Any
+) -> tuple[int, TrainState, dict[str, Any]]:
+    """The whole state of another run's checkpoint `checkpoint.branch_from`, to go on from
+    under this run's config (its own schedule and stages from that step on)."""
+    path = Path(cfg.branch_from or "")
+    if not (path.name.isdigit() and path.parent.name == "checkpoints" and path.is_dir()):
+        raise ConfigError(
+            f"checkpoint.branch_from: {path} is not a checkpoint step directory "
+            "(<run.dir>/checkpoints/<step>)"
+        )
+    step = int(path.name)
+    source = Checkpointer(cfg, path.parent.parent)
+    check(step, source.progress(step))
+    state, progress = source.restore(step, blue, iterator_for(step))
+    log(f"branched from step {step} of {path.parent.parent}: parameters, optimizer and data "
+        "position; this run's schedule from here on")  # fmt: skip
+    return step, state, progress
+
+
 def write_samples(cfg: Config, params: Any, tokenizer: Any) -> list[dict[str, str]]:
     """Greedy continuations of `eval.sample_prompts`, printed: what the model writes."""
     if not cfg.eval.sample_prompts:
@@ -338,6 +362,100 @@ def write_samples(cfg: Config, params: Any, tokenizer: Any) -> list[dict[str, st
     ]
 
 
+class StageRuntime:
+    """What each stage trains with: its compiled step (built once, on first use), its data
+    stream and its held-out batches. A run without `stages:` is one stage."""
+
+    def __init__(self, cfg: Config, mesh: Any, data: mixture.RunData, ramp: BatchRamp) -> None:
+        self.cfg = cfg
+        self.mesh = mesh
+        self.data = data
+        self.ramp = ramp
+        self.plan = stages_lib.plan(cfg)
+        for stage in self.plan:
+            check_batch(stage.cfg, mesh_lib.data_parallel_size(mesh))
+        self._steps: dict[tuple[int, int, float], train_step.Steps] = {}
+        self._held_out: dict[int, Any] = {}
+        self._opened: tuple[stages_lib.Stage, Any] | None = None
+
+    def steps(self, stage: stages_lib.Stage) -> train_step.Steps:
+        """The stage's compiled step; stages of the same shapes and RoPE base share one."""
+        key = (stage.cfg.train.seq_len, stage.cfg.train.global_batch_size,
+               stage.cfg.model.rope_theta)  # fmt: skip
+        if key not in self._steps:
+            steps = train_step.build(stage.cfg, self.mesh)
+            memory = steps.train.memory_analysis()
+            detail = (
+                ""
+                if memory is None
+                else f"; per device: arguments {memory.argument_size_in_bytes / 2**20:.1f} MiB, "
+                f"temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB"
+            )
+            name = f" for stage {stage.name!r}" if self.cfg.stages else ""
+            log(f"compiled train step{name} in {steps.compile_s:.1f} s{detail}")
+            self._steps[key] = steps
+        return self._steps[key]
+
+    def rows(self, stage: stages_lib.Stage) -> int:
+        """Rows of this process per data batch (a micro-batch under a batch ramp)."""
+        train = stage.cfg.train
+        rows = train.micro_batch_size if train.batch_ramp.enabled else train.global_batch_size
+        return rows // jax.process_count()
+
+    def open_data(self, step: int) -> Any:
+        """A fresh data iterator of the stage of 1-based `step` (checkpoint restore fills in
+        its position); `opened` holds it with its stage."""
+        stage = stages_lib.stage_of(self.plan, max(step, 1))
+        rows = self.rows(stage)
+        if self.cfg.stages:
+            weights = [(0, stage.weights)]
+        else:
+            before = (lambda s: self.ramp.micro_batches_before(s) * rows) if (
+                stage.cfg.train.batch_ramp.enabled) else None  # fmt: skip
+            weights = mixture.stages(self.cfg.data, rows, before)
+        dataset = pipeline.train_dataset(
+            self.data.train,
+            pipeline.Layout.of_run(stage.cfg, self.data.tokenizer),
+            batch_size=rows,
+            seed=stage.seed,
+            stages=weights,
+            num_workers=self.cfg.data.num_workers,
+        )
+        self._opened = (stage, iter(dataset))
+        return self._opened[1]
+
+    @property
+    def opened(self) -> tuple[stages_lib.Stage, Any]:
+        """The stage and iterator last opened (the first stage's when none was)."""
+        if self._opened is None:
+            self.open_data(1)
+        assert self._opened is not None
+        return self._opened
+
+    def held_out(self, stage: stages_lib.Stage) -> Any:
+        """Held-out batches laid out for this stage (its sequence length and batch)."""
+        if stage.index not in self._held_out:
+            steps = self.steps(stage)
+            self._held_out[stage.index] = load_held_out(
+                self.data.held_out,
+                pipeline.Layout.of_run(stage.cfg, self.data.tokenizer),
+                batch_size=stage.cfg.train.global_batch_size // jax.process_count(),
+                num_batches=self.cfg.eval.batches,
+                sharding=steps.batch_sharding,
+                byte_table=token_bytes(self.data.tokenizer, self.cfg.model.vocab_size),
+            )
+        return self._held_out[stage.index]
+
+    def data_layout(self, step: int) -> dict[str, Any]:
+        """What a checkpoint's data position depends on, checked on resume."""
+        return {
+            "data.sources": self.data.names,
+            "data.num_workers": self.cfg.data.num_workers,
+            "processes": jax.process_count(),
+            "rows per data batch": self.rows(stages_lib.stage_of(self.plan, max(step, 1))),
+        }
+
+
 class Progress:
     """Turns each step's device metrics into logs: token counts, window averages, records."""
 
@@ -349,8 +467,13 @@ class Progress:
         start_step: int = 0,
         tokens_seen: float = 0.0,
         source_tokens: dict[str, float] | None = None,
+        noise: NoiseScale | None = None,
+        ramp: BatchRamp | None = None,
     ) -> None:
         self.cfg = cfg
+        self.noise = noise
+        self.ramp = ramp
+        self.plan = stages_lib.plan(cfg)
         self.writer = writer
         self.throughput = throughput
         self.start_step = start_step
@@ -359,10 +482,19 @@ class Progress:
         self.last_loss: float | None = None
         self._window_losses: list[float] = []
         self._window_tokens = 0.0
+        self._window_slots = 0.0
         self._start = time.perf_counter()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self._start
+
+    def enter(self, stage: stages_lib.Stage) -> None:
+        """A new stage: its sequence length sets the FLOPs per token behind MFU."""
+        train = stage.cfg.train
+        self.throughput.flops_per_token = estimate.flops_per_token(stage.cfg.model, train.seq_len)
+        log(f"stage {stage.index} {stage.name!r}: steps {stage.first}-{stage.last}, seq_len "
+            f"{train.seq_len}, batch {train.global_batch_size}, rope_theta "
+            f"{stage.cfg.model.rope_theta:g}")  # fmt: skip
 
     def log(self, step: int, metrics: Any) -> dict[str, float]:
         """Account for a step and write its record at logging steps; its values."""
@@ -385,8 +517,26 @@ class Progress:
             self.last_loss = values["loss"]
             self._window_losses.append(values["loss"])
         self._window_tokens += values["tokens"]
-        self.throughput.add(self.cfg.train.tokens_per_step)
+        self._window_slots += values["batch_tokens"]
+        self.throughput.add(int(values["batch_tokens"]))
+        self._measure_noise(step, values)
         return values
+
+    def _measure_noise(self, step: int, values: dict[str, float]) -> None:
+        """Fold a step's micro-batch gradient norms into the noise scale (McCandlish et al.):
+        the small batch is the mean micro-batch, the big one the whole step."""
+        count = values.pop("noise_micro_count", 0.0)
+        micro_sq, micro_tokens = (
+            values.pop("noise_micro_sq", 0.0),
+            values.pop("noise_micro_tokens", 0.0),
+        )
+        if self.noise is None or count < 2 or not math.isfinite(values["grad_norm"]):
+            return
+        self.noise.update(
+            micro_sq / count, values["grad_norm"] ** 2, micro_tokens / count, values["loss_tokens"]
+        )
+        if self.ramp is not None and math.isfinite(self.noise.value):
+            self.ramp.observe_noise_scale(step, self.noise.value)
 
     def record(self, step: int, values: dict[str, float]) -> dict[str, float] | None:
         """At logging steps: print a progress line and return the record of the window."""
@@ -396,15 +546,19 @@ class Progress:
         record = {
             **values,
             "loss_avg": sum(self._window_losses) / window_steps,
-            "packing_efficiency": self._window_tokens
-            / (window_steps * self.cfg.train.tokens_per_step),
+            "packing_efficiency": self._window_tokens / max(self._window_slots, 1.0),
             "tokens_seen": self.tokens_seen,
             **self.throughput.report(),
         }
+        if self.noise is not None and self.noise.count:
+            record.update(self.noise.metrics())
+        if self.cfg.stages:
+            record["stage"] = stages_lib.stage_of(self.plan, step).index
         if len(self.source_tokens) > 1:
             record.update({f"tokens_seen/{n}": t for n, t in self.source_tokens.items()})
         self._window_losses = []
         self._window_tokens = 0.0
+        self._window_slots = 0.0
         eta = self.elapsed() / max(step - self.start_step, 1) * (self.cfg.train.steps - step)
         log(format_progress(step, self.cfg.train.steps, record, eta))
         return record
@@ -415,6 +569,7 @@ class Progress:
         self.source_tokens = {name: 0.0 for name in self.cfg.data.sources} | source_tokens
         self._window_losses = []
         self._window_tokens = 0.0
+        self._window_slots = 0.0
         self.writer.rewind(step)
 
 

@@ -4,6 +4,7 @@ every pre-tokenized source and the model, and the mixture weights per stage."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from maxlm.config import Config, ConfigError, DataConfig
 from maxlm.data import pipeline, sources as sources_lib
@@ -56,13 +57,17 @@ def load(cfg: Config) -> RunData:
     return RunData(train_sources, held_out, tokenizer)
 
 
-def stages(data: DataConfig, rows_per_step: int) -> list[tuple[int, list[float]]]:
+def stages(
+    data: DataConfig, rows_per_step: int, rows_before: Callable[[int], int] | None = None
+) -> list[tuple[int, list[float]]]:
     """The mixture as (first row, weight per source): one stage of the sources' weights, or
-    `data.mixture_stages` with their start steps turned into rows of this process."""
+    `data.mixture_stages` with their start steps turned into rows of this process
+    (`rows_before(step)` where the batch size changes, else `rows_per_step` a step)."""
     names = list(data.sources)
     if not data.mixture_stages:
         return [(0, [data.sources[name].weight for name in names])]
+    before = rows_before or (lambda step: (step - 1) * rows_per_step)
     return [
-        (max(stage.start_step - 1, 0) * rows_per_step, [stage.weights.get(n, 0.0) for n in names])
+        (before(max(stage.start_step, 1)), [stage.weights.get(n, 0.0) for n in names])
         for stage in data.mixture_stages
     ]
