@@ -452,6 +452,15 @@ class MixtureStage(Section):
     weights: dict[str, float] = _field({}, "Source name -> weight from start_step on.")
 
 
+def _check_source_names(weights: dict[str, float], sources: dict[str, Any], key: str) -> None:
+    """Every name a mixture weighs must be a configured source (suggesting the nearest)."""
+    for name in weights:
+        if name not in sources:
+            close = difflib.get_close_matches(name, list(sources), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{key}.{name}: no such source{hint}")
+
+
 class DataConfig(Section):
     sources: dict[str, SourceConfig] = _field(
         {"stdlib": SourceConfig()},
@@ -492,11 +501,7 @@ class DataConfig(Section):
                 f"mixture_stages: start steps {starts} must increase and begin at 0 or 1"
             )
         for k, stage in enumerate(self.mixture_stages):
-            for name in stage.weights:
-                if name not in self.sources:
-                    close = difflib.get_close_matches(name, list(self.sources), n=1)
-                    hint = f"; did you mean {close[0]!r}?" if close else ""
-                    raise ValueError(f"mixture_stages.{k}.weights.{name}: no such source{hint}")
+            _check_source_names(stage.weights, self.sources, f"mixture_stages.{k}.weights")
             if sum(stage.weights.values()) <= 0:
                 raise ValueError(f"mixture_stages.{k}.weights: need a positive total weight")
         return self
@@ -851,11 +856,7 @@ class Config(Section):
         if self.data.mixture_stages:
             raise ValueError("data.mixture_stages: with stages, give each stage its mixture")
         for k, stage in enumerate(self.stages):
-            for name in stage.mixture:
-                if name not in self.data.sources:
-                    close = difflib.get_close_matches(name, list(self.data.sources), n=1)
-                    hint = f"; did you mean {close[0]!r}?" if close else ""
-                    raise ValueError(f"stages.{k}.mixture.{name}: no such source{hint}")
+            _check_source_names(stage.mixture, self.data.sources, f"stages.{k}.mixture")
             if stage.mixture and sum(stage.mixture.values()) <= 0:
                 raise ValueError(f"stages.{k}.mixture: need a positive total weight")
             rows = stage.global_batch_size or self.train.global_batch_size

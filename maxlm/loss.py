@@ -48,6 +48,12 @@ def objective(sums: LossSums, z_loss_weight: float) -> jax.Array:
     return (sums.cross_entropy + z_loss_weight * sums.z_loss) / tokens
 
 
+def head_logits(x: jax.Array, head: jax.Array, vocab_axis: int) -> jax.Array:
+    """float32 logits (B,C,V) of activations (B,C,D) under the output matrix as stored."""
+    spec = "BCD,DV->BCV" if vocab_axis == 1 else "BCD,VD->BCV"
+    return jnp.einsum(spec, x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
 def head_loss(
     hidden: jax.Array,
     head: jax.Array,
@@ -83,10 +89,9 @@ def head_loss(
         return jnp.moveaxis(x.reshape(batch, length // chunk, chunk, *x.shape[2:]), 1, 0)
 
     xs = (chunked(hidden), chunked(targets), chunked(real))
-    spec = "BCD,DV->BCV" if vocab_axis == 1 else "BCD,VD->BCV"
 
     def logits_of(x: jax.Array, w: jax.Array) -> jax.Array:
-        return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+        return head_logits(x, w, vocab_axis)
 
     def head_grad(x: jax.Array, grad: jax.Array) -> jax.Array:
         """d(head) of one chunk, (D,V) whatever the head's layout: x (M,D), grad (M,V)."""

@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from maxlm import optim, sharding, state as state_lib
 from maxlm.config import Config, SophiaConfig
-from maxlm.loss import LossSums, head_loss, loss_sums
+from maxlm.loss import LossSums, head_logits, head_loss, loss_sums
 from maxlm.sophia import sample_targets
 from maxlm.state import TrainState
 
@@ -223,14 +223,12 @@ def _sampled_targets(
         batch["tokens"], batch["segment_ids"], batch["positions"], prefix=batch.get("prefix")
     )
     head, vocab_axis = model.output_head()
-    spec = "BCD,DV->BCV" if vocab_axis == 1 else "BCD,VD->BCV"
     rows, length = hidden.shape[:2]
     chunks = jnp.moveaxis(hidden.reshape(rows, length // chunk, chunk, -1), 1, 0)
 
     def draw(inputs: tuple[jax.Array, jax.Array]) -> jax.Array:
         x, key = inputs
-        logits = jnp.einsum(spec, x, head.astype(x.dtype), preferred_element_type=jnp.float32)
-        return sample_targets(logits, key)
+        return sample_targets(head_logits(x, head, vocab_axis), key)
 
     keys = jax.random.split(rng, length // chunk)
     return jnp.moveaxis(jax.lax.map(draw, (chunks, keys)), 0, 1).reshape(rows, length)
