@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from training import committed_steps, overrides, read_jsonl
 
-from maxlm import config, mesh as mesh_lib, optim, state as state_lib, train_step
+from maxlm import config, estimate, mesh as mesh_lib, optim, state as state_lib, train_step
 from maxlm.batch_size import BatchRamp
 from maxlm.config import ConfigError
 from maxlm.loss import LossSums
@@ -233,6 +233,10 @@ def test_ramped_run_accounts_tokens_measures_noise_and_resumes_exactly(corpus, t
     assert [r["batch_tokens"] for r in records[:3]] == [128, 128, 256]
     assert measured and measured[0]["step"] == 3
     assert all(math.isfinite(r["noise_scale/trace"]) for r in measured)
+    # the estimator takes the run's last finite measurement as its batch suggestion
+    finite = [r["critical_batch_tokens"] for r in measured]
+    finite = [v for v in finite if isinstance(v, float) and math.isfinite(v) and v > 0]
+    assert estimate.measured_critical_batch(run_dir) == finite[-1]
 
     assert committed_steps(run_dir) == [4, 8]
     shutil.rmtree(run_dir / "checkpoints" / "8")
