@@ -1,6 +1,7 @@
 """`python -m maxlm.aot --config=FILE --topology=v5p-8 [key=value ...]`: compile the real train
 step ahead of time for a TPU slice, on any machine with libtpu installed (no TPU needed), and
-report per-chip memory against HBM and XLA's FLOPs against maxlm.estimate.
+report per-chip memory against HBM and XLA's FLOPs against maxlm.estimate; for several slices
+(`mesh.dcn_*`), also which collectives cross the data-center network between them.
 
 The slice's devices come from libtpu (`jax.experimental.topologies`); the mesh, state shardings,
 batch and step are exactly training's (`mesh.make`, `train_step.build`), so a config that does
@@ -29,6 +30,7 @@ from jax.experimental import topologies
 
 from maxlm import (
     cli,
+    collectives as collectives_lib,
     config as config_lib,
     estimate,
     mesh as mesh_lib,
@@ -200,6 +202,7 @@ class Report:
     largest_buffers: list[tuple[int, str]] = dataclasses.field(default_factory=list)
     compiler_error: str | None = None  # the TPU compiler's own out-of-memory message
     flops: dict[str, float] = dataclasses.field(default_factory=dict)
+    collectives: collectives_lib.Summary | None = None  # compiled for several slices
 
     @property
     def hbm_bytes(self) -> int:
@@ -265,7 +268,10 @@ class Report:
             lines.append("per chip (compiled.memory_analysis)")
             lines += [f"  {name:<15}{_size(size):>11}   {what}" for name, size, what in rows]
             lines.append("")
-        lines += [self.verdict(), "", "largest state arrays per chip (from the shardings)"]
+        lines += [self.verdict(), ""]
+        if self.collectives is not None:
+            lines += [*_collective_lines(self.collectives), ""]
+        lines.append("largest state arrays per chip (from the shardings)")
         for size, path, shape in self.largest_state:
             lines.append(f"  {_size(size):>11}   {shape:<24} {path}")
         if self.largest_buffers:
@@ -328,7 +334,34 @@ class Report:
                 {"bytes": size, "shapes": shapes} for size, shapes in self.largest_buffers
             ],
             "flops_per_chip": self.flops,
-        }
+            "collectives": None if self.collectives is None else {
+                "crossing_slices": [
+                    {**dataclasses.asdict(row), "expected": row.expected}
+                    for row in self.collectives.crossing
+                ],
+                "within_slice": self.collectives.within,
+            },
+        }  # fmt: skip
+
+
+def _collective_lines(summary: collectives_lib.Summary) -> list[str]:
+    """What crosses slices, by kind and mesh axes; a warning for all but gradient all-reduces."""
+    lines = ["collectives of the program each slice runs, as compiled (sizes: sent per chip)"]
+    for row in summary.crossing:
+        lines.append(
+            f"  across slices (DCN)   {row.kind} over {'+'.join(row.axes)}: {row.count} per step "
+            f"({_size(row.bytes)}) + {row.loop_count} per loop iteration ({_size(row.loop_bytes)})"
+        )
+    if not summary.crossing:
+        lines.append("  across slices (DCN)   none")
+    within = ", ".join(f"{kind} {count}" for kind, count in summary.within.items())
+    lines.append(f"  within a slice (ICI)  {within or 'none'}")
+    for row in summary.unexpected:
+        lines.append(
+            f"WARNING: {row.kind} over {'+'.join(row.axes)} crosses slices: only the "
+            "data-parallel gradient all-reduce should; put the slices on mesh.dcn_data"
+        )
+    return lines
 
 
 def _size(size: float) -> str:
@@ -357,11 +390,6 @@ def compile_report(cfg: Config, target: Target, *, flops: bool = True) -> Report
         state_bytes=_state_bytes(cfg, blue, mesh),
         largest_state=largest_state_arrays(blue),
     )
-    if target.num_slices > 1 and report.mesh["data"] % target.num_slices:
-        report.notes.append(
-            f"mesh.data={report.mesh['data']} is not a multiple of the {target.num_slices} "
-            "slices: fsdp/tensor collectives cross the slower data-center network"
-        )
     with tempfile.TemporaryDirectory() as dump:
         try:
             # the dump holds XLA's buffer assignment: what the temporaries are
@@ -374,6 +402,11 @@ def compile_report(cfg: Config, target: Target, *, flops: bool = True) -> Report
         report.largest_buffers = largest_buffers(Path(dump))
     report.compile_s = steps.compile_s
     report.memory = memory_per_chip(steps.train)
+    if target.num_slices > 1:
+        hlo = steps.train.as_text()
+        if hlo is None:
+            raise RuntimeError(f"{steps.train} has no HLO text")
+        report.collectives = collectives_lib.summarize(hlo, mesh, cfg.mesh.dcn_shape)
     if flops:
         counted = counted_flops(steps.train)
         step = whole_step_flops(cfg, mesh, counted)
@@ -494,7 +527,12 @@ def _parser() -> argparse.ArgumentParser:
         help="A Cloud TPU accelerator type (v5p-8, v4-16, v5e-16, v6e-8) or a libtpu topology "
         "(v5e:4x4, v5p:2x2x2).",
     )
-    parser.add_argument("--num-slices", type=int, default=1, help="Slices joined over DCN.")
+    parser.add_argument(
+        "--num-slices",
+        type=int,
+        help="Slices joined over DCN (default: mesh.dcn_data*dcn_fsdp*dcn_tensor); the report "
+        "then says which collectives cross slices.",
+    )
     parser.add_argument("--json", metavar="PATH", help="Also write the numbers as JSON.")
     parser.add_argument(
         "--no-flops",
@@ -513,8 +551,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     jax.config.update("jax_platforms", "cpu")
     try:
         args = _parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-        target = resolve_target(args.topology, args.num_slices)
         cfg = config_lib.load(args.config, args.overrides)
+        slices = cfg.mesh.num_slices if args.num_slices is None else args.num_slices
+        target = resolve_target(args.topology, slices)
         start = time.perf_counter()
         report = compile_report(cfg, target, flops=not args.no_flops)
     except (cli.UsageError, ConfigError) as err:

@@ -74,9 +74,26 @@ DEFAULT_SHARDING_RULES: dict[str, str | list[str] | None] = {
 
 
 class MeshConfig(Section):
-    data: int = _field(-1, "Pure data-parallel axis size (-1: all remaining devices).", ge=-1)
-    fsdp: int = _field(1, "Fully-sharded data-parallel axis size (-1: all remaining).", ge=-1)
-    tensor: int = _field(1, "Tensor-parallel axis size (-1: all remaining devices).", ge=-1)
+    # Axis sizes are global (all slices together), so a config keeps its meaning and its -1
+    # when slices are added; dcn_* only say how each axis is split across slices.
+    data: int = _field(
+        -1, "Pure data-parallel axis size, all slices together (-1: all remaining devices).", ge=-1
+    )
+    fsdp: int = _field(
+        1, "Fully-sharded data-parallel axis size, all slices together (-1: all remaining).", ge=-1
+    )
+    tensor: int = _field(
+        1, "Tensor-parallel axis size, all slices together (-1: all remaining devices).", ge=-1
+    )
+    dcn_data: int = _field(
+        1, "Multislice: slices the data axis spans (must divide it; the usual choice).", ge=1
+    )
+    dcn_fsdp: int = _field(
+        1, "Multislice: slices the fsdp axis spans (its weight all-gathers then cross DCN).", ge=1
+    )
+    dcn_tensor: int = _field(
+        1, "Multislice: slices the tensor axis spans (each layer's all-reduces cross DCN).", ge=1
+    )
     rules: dict[str, str | list[str] | None] = _field(
         DEFAULT_SHARDING_RULES,
         "Logical axis name -> mesh axis (or list of axes, or null = replicated); "
@@ -95,6 +112,10 @@ class MeshConfig(Section):
             raise ValueError(f"sizes must be positive or -1, got {sizes}")
         if list(sizes.values()).count(-1) > 1:
             raise ValueError(f"at most one axis may be -1, got {sizes}")
+        for axis, slices in self.dcn_shape.items():
+            if sizes[axis] != -1 and sizes[axis] % slices:
+                split = f"{axis}={sizes[axis]} does not split into {slices} slices"
+                raise ValueError(f"dcn_{axis}: {split}")
         for name, axes in self.rules.items():
             if name not in DEFAULT_SHARDING_RULES:
                 close = difflib.get_close_matches(name, list(DEFAULT_SHARDING_RULES), n=1)
@@ -108,6 +129,15 @@ class MeshConfig(Section):
     @property
     def shape(self) -> dict[str, int]:
         return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+
+    @property
+    def dcn_shape(self) -> dict[str, int]:
+        """Slices along each mesh axis: the outer factor of its global size."""
+        return {"data": self.dcn_data, "fsdp": self.dcn_fsdp, "tensor": self.dcn_tensor}
+
+    @property
+    def num_slices(self) -> int:
+        return self.dcn_data * self.dcn_fsdp * self.dcn_tensor
 
 
 class DistributedConfig(Section):
@@ -760,9 +790,38 @@ class StabilityConfig(Section):
     recovery_window_steps: int = _field(1000, "The window of max_recoveries, in steps.", gt=0)
 
 
+class WandbConfig(Section):
+    enabled: bool = _field(False, "Also log metrics to Weights & Biases (the `wandb` extra).")
+    project: str = _field("maxlm", "W&B project.")
+    entity: str | None = _field(None, "W&B team or user (default: your default entity).")
+    name: str | None = _field(None, "Run name (default: the run directory's name).")
+    group: str | None = _field(None, "Group several runs (e.g. a sweep) in the W&B UI.")
+    tags: list[str] = _field([], "Tags shown in the W&B UI.")
+    mode: Literal["online", "offline"] = _field(
+        "online", "offline writes under <run.dir>/wandb for a later `wandb sync` (no account)."
+    )
+
+
 class MetricsConfig(Section):
     log_every_steps: int = _field(10, "Write and print metrics every N steps.", gt=0)
     tensorboard: bool = _field(True, "Also write TensorBoard event files to the run directory.")
+    wandb: WandbConfig = _field(WandbConfig(), "Weights & Biases logging (off by default).")
+    progress: Literal["auto", "bar", "lines"] = _field(
+        "auto",
+        "bar: a live progress bar with ETA, updated every step; lines: a progress line every "
+        "log_every_steps (logs, CI, pods); auto: the bar when stdout is a terminal.",
+    )
+
+
+class ProfileConfig(Section):
+    steps: int = _field(0, "Capture a jax.profiler trace of this many steps (0: off).", ge=0)
+    start_step: int = _field(5, "First profiled step (after compilation and warm-up).", gt=0)
+    dir: str | None = _field(
+        None, "Where the trace goes (default <run.dir>/profile; open it with TensorBoard)."
+    )
+    perfetto: bool = _field(
+        True, "Also write a Perfetto trace (perfetto_trace.json.gz, for ui.perfetto.dev)."
+    )
 
 
 class StageConfig(Section):
@@ -815,6 +874,7 @@ class Config(Section):
     )
     prepare: PrepareConfig = _field(PrepareConfig(), "Offline cleaning, dedup and tokenization.")
     metrics: MetricsConfig = _field(MetricsConfig(), "Logging.")
+    profile: ProfileConfig = _field(ProfileConfig(), "jax.profiler trace of a few steps.")
     stages: list[StageConfig] = _field(
         [],
         "Training stages in order (e.g. warmup, stable, long-context, anneal), each with its "

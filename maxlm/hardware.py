@@ -21,6 +21,7 @@ PUBLISHED_PEAK_FLOPS = {
     "NVIDIA H100": 989e12,
     "NVIDIA A100": 312e12,
     "NVIDIA L4": 121e12,
+    "Tesla T4": 65e12,  # fp16 tensor cores (no bf16): Colab's free GPU
 }
 
 

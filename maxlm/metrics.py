@@ -1,22 +1,37 @@
-"""Metric writers (JSON lines always, TensorBoard optional) and throughput accounting."""
+"""Metric writers (JSON lines always; TensorBoard and Weights & Biases optional), throughput
+accounting and the progress display."""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, TextIO
 
 import jax
+from tqdm import tqdm
+
+from maxlm.config import ConfigError, WandbConfig
+
+WANDB_ID_FILE = "wandb_id"  # a restarted run logs on to the same W&B run
 
 
 class MetricsWriter:
-    """Writes `<run_dir>/metrics.jsonl` and TensorBoard events; only process 0 writes."""
+    """Writes `<run_dir>/metrics.jsonl`, TensorBoard events and W&B history; only process 0."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int = 0) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        tensorboard: bool,
+        resume_step: int = 0,
+        wandb: WandbConfig | None = None,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
         """`resume_step` > 0 keeps the records up to that step (a resumed run rewrites the
-        steps after its checkpoint); 0 starts a fresh file."""
+        steps after its checkpoint); 0 starts a fresh file. `run_config` goes to W&B."""
         self.enabled = jax.process_index() == 0
         self._path = run_dir / "metrics.jsonl"
         self._jsonl: TextIO | None = None
@@ -27,6 +42,9 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self._wandb = None
+        if self.enabled and wandb is not None and wandb.enabled:
+            self._wandb = _start_wandb(wandb, run_dir, run_config or {})
 
     def _reopen(self, keep_until: int) -> None:
         kept = []
@@ -53,12 +71,55 @@ class MetricsWriter:
                 if key != "step" and isinstance(value, int | float):
                     self._tb.add_scalar(key, value, step)
             self._tb.flush()
+        if self._wandb is not None:
+            # "step" is the x axis (define_metric): after a rewind W&B's own counter goes on
+            self._wandb.log({k: v for k, v in record.items() if isinstance(v, int | float)})
+
+    def summarize(self, summary: dict[str, Any]) -> None:
+        """The run's final numbers, as the W&B run summary."""
+        if self._wandb is not None:
+            plain = {key: _plain(value) for key, value in summary.items()}
+            self._wandb.summary.update(
+                {k: v for k, v in plain.items() if isinstance(v, int | float | dict)}
+            )
 
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _start_wandb(cfg: WandbConfig, run_dir: Path, run_config: dict[str, Any]) -> Any:
+    """A W&B run for this run directory: the same W&B run again after a restart."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError(
+            'metrics.wandb.enabled: needs the wandb package: pip install "maxlm[wandb]"'
+        ) from None
+    id_file = run_dir / WANDB_ID_FILE
+    if not id_file.exists():
+        id_file.write_text(uuid.uuid4().hex[:12] + "\n")
+    run = wandb.init(
+        project=cfg.project,
+        entity=cfg.entity,
+        name=cfg.name or run_dir.resolve().name,
+        group=cfg.group,
+        tags=cfg.tags or None,
+        mode=cfg.mode,
+        dir=str(run_dir),
+        id=id_file.read_text().strip(),
+        resume="allow",
+        config=run_config,
+        settings=wandb.Settings(quiet=True),
+    )
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run
 
 
 def _records_until(path: Path, step: int) -> list[str]:
@@ -108,6 +169,42 @@ class Throughput:
         }
         self.restart()
         return result
+
+
+class ProgressDisplay:
+    """On a terminal, a live bar with ETA advanced every step; elsewhere (logs, CI, pods) the
+    progress line every metrics.log_every_steps. Only process 0 shows anything."""
+
+    def __init__(self, mode: str, total: int, start: int, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+        shown = jax.process_index() == 0
+        terminal = self.stream.isatty()
+        self.bar = None
+        if shown and (mode == "bar" or (mode == "auto" and terminal)):
+            self.bar = tqdm(
+                total=total, initial=start, unit="step", file=self.stream, dynamic_ncols=True,
+                smoothing=0.1, mininterval=0.5 if terminal else 0,
+            )  # fmt: skip
+        self._lines = shown and self.bar is None
+
+    def advance(self, step: int) -> None:
+        if self.bar is not None and step != self.bar.n:
+            self.bar.update(step - self.bar.n)
+
+    def show(self, step: int, total: int, record: dict[str, Any], eta_s: float) -> None:
+        """A logging step's record: the bar's postfix, or a progress line."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(
+                f"loss {record['loss_avg']:.4f} lr {record['lr']:.2e} "
+                f"tok/s {record['tokens_per_s']:,.0f} MFU {100 * record['mfu']:.1f}%"
+            )
+        elif self._lines:
+            print(format_progress(step, total, record, eta_s), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def format_progress(step: int, total: int, metrics: dict[str, Any], eta_s: float) -> str:

@@ -14,11 +14,13 @@ from typing import Any
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from maxlm import (
     config as config_lib,
     estimate,
     generate,
+    goodput as goodput_lib,
     mesh as mesh_lib,
     stages as stages_lib,
     state as state_lib,
@@ -38,16 +40,18 @@ from maxlm.config import CheckpointConfig, Config, ConfigError
 from maxlm.data import global_batch, mixture, pipeline
 from maxlm.evaluate import evaluate, load_held_out, token_bytes
 from maxlm.faults import Faults
-from maxlm.metrics import MetricsWriter, Throughput, format_duration, format_progress
+from maxlm.metrics import MetricsWriter, ProgressDisplay, Throughput, format_duration
 from maxlm.model import compute_dtype
 from maxlm.noise_scale import NoiseScale
+from maxlm.profiling import StepProfiler
 from maxlm.stability import SpikeMonitor, StabilityError
 from maxlm.state import TrainState
 
 
 def log(message: str) -> None:
     if jax.process_index() == 0:
-        print(message, flush=True)
+        tqdm.write(message, file=sys.stdout)  # above a live progress bar, if one is shown
+        sys.stdout.flush()
 
 
 def check_batch(cfg: Config, data_parallel: int) -> None:
@@ -68,10 +72,11 @@ def check_batch(cfg: Config, data_parallel: int) -> None:
 
 def train(cfg: Config) -> dict[str, Any]:
     """Run training as configured; returns the final summary (also written to the run dir)."""
-    wall_start = time.perf_counter()
+    wall_start, session_start = time.perf_counter(), time.time()
     mesh_lib.initialize_distributed(cfg.distributed)
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    goodput = goodput_lib.Goodput(run_dir, jax.process_index() == 0, session_start)
     if jax.process_index() == 0:
         (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
     log(f"# resolved config (saved to {run_dir / CONFIG_FILE})\n{cfg.to_yaml()}")
@@ -96,7 +101,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
     ramp = BatchRamp(cfg.train)
     checkpointer = Checkpointer(cfg.checkpoint, run_dir)
-    runtime = StageRuntime(cfg, mesh, data, ramp)
+    runtime = StageRuntime(cfg, mesh, data, ramp, goodput)
     latest = checkpointer.latest_step() or 0
     steps = runtime.steps(stages_lib.stage_of(runtime.plan, latest + 1))
     blue, batch_sharding = steps.blueprint, steps.batch_sharding
@@ -158,10 +163,15 @@ def train(cfg: Config) -> dict[str, Any]:
     peak, peak_source = estimate.peak_flops(jax.devices(), compute_dtype(cfg.model.dtype).name)
     flops_per_token = estimate.flops_per_token(cfg.model, stage.cfg.train.seq_len)
     log(f"MFU is against the {peak_source}; {flops_per_token / 1e6:.1f} MFLOP per token")
-    writer = MetricsWriter(run_dir, cfg.metrics.tensorboard, resume_step=start)
+    writer = MetricsWriter(
+        run_dir, cfg.metrics.tensorboard, start, cfg.metrics.wandb, cfg.model_dump(mode="json")
+    )
+    display = ProgressDisplay(cfg.metrics.progress, cfg.train.steps, start)
     progress = Progress(
         cfg,
         writer,
+        display,
+        goodput,
         Throughput(flops_per_token, peak),
         start,
         float(saved.get("tokens_seen", 0.0)),
@@ -172,6 +182,7 @@ def train(cfg: Config) -> dict[str, Any]:
     eval_result: dict[str, float] = {}
     faults = Faults()
     preemption = PreemptionWatch()
+    profiler = StepProfiler(cfg.profile, run_dir, log)
 
     def progress_json(step: int) -> dict[str, Any]:
         return {
@@ -199,14 +210,17 @@ def train(cfg: Config) -> dict[str, Any]:
     def restore_and_skip(bad_step: int) -> tuple[int, TrainState]:
         """Back to the newest good checkpoint, then past the next stability.skip_batches."""
         nonlocal batches_consumed, stage, train_iter, steps, eval_data
-        checkpointer.wait()
-        back = checkpointer.restore_latest(blue, runtime.open_data, resumable, log)
+        profiler.stop()
+        with goodput.timed("lost"):
+            checkpointer.wait()
+            back = checkpointer.restore_latest(blue, runtime.open_data, resumable, log)
         if back is None:
             raise StabilityError(
                 f"step {bad_step}: a loss spike, but no checkpoint to go back to "
                 "(checkpoint.every_steps is 0 or no step was saved yet)"
             )
         good_step, good_state, good = back
+        goodput.rewound(good_step)
         stage, train_iter = runtime.opened
         steps, eval_data = runtime.steps(stage), runtime.held_out(stage)
         monitor.after_restore(good_step)
@@ -215,9 +229,10 @@ def train(cfg: Config) -> dict[str, Any]:
         progress.rewind(good_step, good["tokens_seen"], good["source_tokens"])
         batches_consumed = int(good["batches_consumed"])
         skipped = []
-        for _ in range(cfg.stability.skip_batches):
-            skipped.append(describe_batch(next(train_iter), batches_consumed, data.names))
-            batches_consumed += 1
+        with goodput.timed("lost"):
+            for _ in range(cfg.stability.skip_batches):
+                skipped.append(describe_batch(next(train_iter), batches_consumed, data.names))
+                batches_consumed += 1
         log(f"restored step {good_step}; skipped batches {skipped[0]['index'] if skipped else '-'}"
             f"..{skipped[-1]['index'] if skipped else '-'}")  # fmt: skip
         events.write(bad_step, "restored", restored_step=good_step, skipped_batches=skipped)
@@ -225,17 +240,21 @@ def train(cfg: Config) -> dict[str, Any]:
 
     pending: tuple[int, Any] | None = None
     step = start
+    goodput.started(start)
     while step < cfg.train.steps:
         step += 1
         if step > stage.last:  # the next stage: its compiled step, its data stream
             stage = stages_lib.stage_of(runtime.plan, step)
-            train_iter = runtime.open_data(step)
+            with goodput.timed("data"):
+                train_iter = runtime.open_data(step)
             steps, eval_data = runtime.steps(stage), runtime.held_out(stage)
             progress.enter(stage)
             events.write(step, "stage", name=stage.name, index=stage.index)
         count = ramp.micro_batches(step) if steps.micro else 1
-        host_batches = [next(train_iter) for _ in range(count)]
+        with goodput.timed("data"):
+            host_batches = [next(train_iter) for _ in range(count)]
         batches_consumed += count
+        profiler.before(step)
         faults.batch(step, host_batches[0], cfg.model.vocab_size)
         faults.note_batch(step, host_batches[0])
         measure = bool(noise_every) and count > 1 and (step - 1) % noise_every == 0
@@ -243,6 +262,8 @@ def train(cfg: Config) -> dict[str, Any]:
             state, [global_batch.to_global(b, batch_sharding) for b in host_batches], measure
         )
         faults.after_dispatch(step)
+        goodput.add("profile", profiler.after(step, state))
+        goodput.stepped(step)
         checkpointer.check_for_errors(step)
         # the previous step's metrics, while this one runs
         if pending is not None and judge(pending[0], progress.log(*pending)):
@@ -264,7 +285,8 @@ def train(cfg: Config) -> dict[str, Any]:
         record = progress.record(step, values) or {}
         if eval_due and not preempted:
             eval_start = time.perf_counter()
-            eval_result = evaluate(steps.eval, state.params, eval_data)
+            with goodput.timed("eval"):
+                eval_result = evaluate(steps.eval, state.params, eval_data)
             progress.throughput.exclude(time.perf_counter() - eval_start)
             log(
                 f"eval at step {step}: loss {eval_result['eval_loss']:.4f}  "
@@ -280,21 +302,31 @@ def train(cfg: Config) -> dict[str, Any]:
         if record:
             writer.write(step, record)
         if save_due:
-            checkpointer.save(step, state, train_iter, progress_json(step))
+            with goodput.timed("checkpoint"):
+                checkpointer.save(step, state, train_iter, progress_json(step))
+            goodput.saved(step)
+            goodput.write()
             faults.after_save(step)
         if preempted:
             log(f"preempted: saved step {step}; waiting for it to commit")
-            checkpointer.close(timeout_s=cfg.checkpoint.preemption_grace_s)
+            with goodput.timed("checkpoint"):
+                checkpointer.close(timeout_s=cfg.checkpoint.preemption_grace_s)
             events.write(step, "preempted")
+            goodput.write()
+            display.close()
             writer.close()
             preemption.close()
             return {"steps": step, "preempted": True, "tokens_seen": progress.tokens_seen}
+    profiler.stop()
+    display.close()
     preemption.close()
-    checkpointer.close()
-    writer.close()
+    with goodput.timed("checkpoint"):
+        checkpointer.close()
     if not eval_result:  # a finished run restarted: nothing left to train, report where it is
-        eval_result = evaluate(steps.eval, state.params, eval_data)
-    samples = write_samples(stage.cfg, state.params, tokenizer)
+        with goodput.timed("eval"):
+            eval_result = evaluate(steps.eval, state.params, eval_data)
+    with goodput.timed("eval"):
+        samples = write_samples(stage.cfg, state.params, tokenizer)
 
     summary = {
         "steps": cfg.train.steps,
@@ -310,8 +342,14 @@ def train(cfg: Config) -> dict[str, Any]:
         "train_s": progress.elapsed(),
         "wall_s": time.perf_counter() - wall_start,
     }
+    goodput.write(finished=True)
+    time_split = goodput.totals()
+    summary["goodput"] = time_split
+    writer.summarize(summary)
+    writer.close()
     if jax.process_index() == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log(goodput_lib.summary_line(time_split))
     log(
         f"done: {cfg.train.steps} steps, {progress.tokens_seen:,.0f} tokens in "
         f"{format_duration(progress.elapsed())}; held-out loss "
@@ -366,8 +404,16 @@ class StageRuntime:
     """What each stage trains with: its compiled step (built once, on first use), its data
     stream and its held-out batches. A run without `stages:` is one stage."""
 
-    def __init__(self, cfg: Config, mesh: Any, data: mixture.RunData, ramp: BatchRamp) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        mesh: Any,
+        data: mixture.RunData,
+        ramp: BatchRamp,
+        goodput: goodput_lib.Goodput,
+    ) -> None:
         self.cfg = cfg
+        self.goodput = goodput
         self.mesh = mesh
         self.data = data
         self.ramp = ramp
@@ -384,6 +430,7 @@ class StageRuntime:
                stage.cfg.model.rope_theta)  # fmt: skip
         if key not in self._steps:
             steps = train_step.build(stage.cfg, self.mesh)
+            self.goodput.add("compile", steps.compile_s)
             memory = steps.train.memory_analysis()
             detail = (
                 ""
@@ -463,6 +510,8 @@ class Progress:
         self,
         cfg: Config,
         writer: MetricsWriter,
+        display: ProgressDisplay,
+        goodput: goodput_lib.Goodput,
         throughput: Throughput,
         start_step: int = 0,
         tokens_seen: float = 0.0,
@@ -475,6 +524,8 @@ class Progress:
         self.ramp = ramp
         self.plan = stages_lib.plan(cfg)
         self.writer = writer
+        self.display = display
+        self.goodput = goodput
         self.throughput = throughput
         self.start_step = start_step
         self.tokens_seen = tokens_seen
@@ -520,6 +571,7 @@ class Progress:
         self._window_slots += values["batch_tokens"]
         self.throughput.add(int(values["batch_tokens"]))
         self._measure_noise(step, values)
+        self.display.advance(step)
         return values
 
     def _measure_noise(self, step: int, values: dict[str, float]) -> None:
@@ -556,11 +608,13 @@ class Progress:
             record["stage"] = stages_lib.stage_of(self.plan, step).index
         if len(self.source_tokens) > 1:
             record.update({f"tokens_seen/{n}": t for n, t in self.source_tokens.items()})
+        record["goodput"] = self.goodput.totals()["goodput"]
+        self.goodput.write()
         self._window_losses = []
         self._window_tokens = 0.0
         self._window_slots = 0.0
         eta = self.elapsed() / max(step - self.start_step, 1) * (self.cfg.train.steps - step)
-        log(format_progress(step, self.cfg.train.steps, record, eta))
+        self.display.show(step, self.cfg.train.steps, record, eta)
         return record
 
     def rewind(self, step: int, tokens_seen: float, source_tokens: dict[str, float]) -> None:
@@ -571,6 +625,7 @@ class Progress:
         self._window_tokens = 0.0
         self._window_slots = 0.0
         self.writer.rewind(step)
+        self.display.advance(step)
 
 
 class Events:

@@ -5,8 +5,9 @@ import json
 import os
 
 import pytest
+from jax.experimental import mesh_utils
 
-from maxlm import aot, config
+from maxlm import aot, config, mesh as mesh_lib
 
 try:
     import libtpu  # noqa: F401
@@ -127,3 +128,52 @@ def test_mesh_that_does_not_divide_the_slice_exits_2(capsys):
     assert aot.main(["--topology=v5e-4", "model.preset=tiny", "mesh.data=1", "mesh.fsdp=3"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: mesh: data*fsdp*tensor = 3 but there are 4 devices")
+
+
+# Multislice: two v5e:2x2 slices joined over DCN (8 chips); compiling takes ~10 s each here.
+def two_slices(**mesh: int) -> aot.Report:
+    cfg = config.from_dict({**TINY, "mesh": mesh})
+    return aot.compile_report(cfg, aot.resolve_target("v5e:2x2", num_slices=2), flops=False)
+
+
+def test_hybrid_mesh_matches_jax_on_two_slices():
+    devices = aot.topology_devices(aot.resolve_target("v5e:2x2", num_slices=2))
+    mesh = mesh_lib.make(config.MeshConfig(data=4, fsdp=2, dcn_data=2), devices)
+    expected = mesh_utils.create_hybrid_device_mesh(
+        (2, 2, 1), (2, 1, 1), devices, allow_split_physical_axes=True
+    )
+    assert (mesh.devices == expected).all()
+    slices = [[d.slice_index for d in row.flat] for row in mesh.devices]
+    assert slices == [[0, 0], [0, 0], [1, 1], [1, 1]]  # first half of data in slice 0
+    with pytest.warns(UserWarning, match="mesh.dcn_tensor=2: every layer's"):
+        mesh_lib.make(config.MeshConfig(data=2, fsdp=2, tensor=2, dcn_tensor=2), devices)
+
+
+def test_data_parallel_across_slices_only_all_reduces_gradients():
+    report = two_slices(data=2, fsdp=-1, dcn_data=2)
+    assert report.mesh == {"data": 2, "fsdp": 4, "tensor": 1} and report.fits
+    summary = report.collectives
+    assert summary is not None and summary.crossing and not summary.unexpected
+    assert {(row.kind, row.axes) for row in summary.crossing} == {("all-reduce", ("data",))}
+    assert summary.within["all-gather"] > 0  # FSDP gathers stay inside each slice
+    table = report.table()
+    assert "across slices (DCN)   all-reduce over data: " in table and "WARNING" not in table
+    saved = report.to_json()["collectives"]
+    assert [row["expected"] for row in saved["crossing_slices"]] == [True]
+
+
+def test_fsdp_across_slices_is_reported():
+    report = two_slices(data=1, fsdp=-1, dcn_fsdp=2)
+    summary = report.collectives
+    assert summary is not None
+    gathers = [row for row in summary.unexpected if row.kind == "all-gather"]
+    assert gathers and gathers[0].axes == ("fsdp",) and gathers[0].loop_bytes > 0
+    assert "WARNING: all-gather over fsdp crosses slices" in report.table()
+
+
+def test_slices_without_dcn_config_exit_2(capsys):
+    argv = ["--topology=v5e-4", "--num-slices=2", "--no-flops", "model.preset=tiny"]
+    assert aot.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: mesh: dcn_data*dcn_fsdp*dcn_tensor = 1 but the devices are in 2")
+    assert "mesh.dcn_data=2" in err

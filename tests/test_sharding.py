@@ -149,6 +149,7 @@ def test_bad_global_batch_names_the_key():
         ({"SLURM_NTASKS": "1"}, "auto", False),
         ({"SLURM_NTASKS": "4"}, "auto", True),  # JAX's SLURM detection fills in the rest
         ({"TPU_WORKER_HOSTNAMES": "w0,w1"}, "auto", True),
+        ({"TPU_WORKER_HOSTNAMES": "w0", "MEGASCALE_COORDINATOR_ADDRESS": "w0"}, "auto", True),
         ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, "auto", True),
         ({"SLURM_NTASKS": "4"}, "off", False),
         ({}, "on", True),
@@ -156,7 +157,12 @@ def test_bad_global_batch_names_the_key():
 )
 def test_when_a_run_joins_a_multi_process_job(monkeypatch, env, enabled, joins):
     calls = []
-    for key in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS"):
+    for key in (
+        "SLURM_NTASKS",
+        "TPU_WORKER_HOSTNAMES",
+        "JAX_COORDINATOR_ADDRESS",
+        "MEGASCALE_COORDINATOR_ADDRESS",
+    ):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
