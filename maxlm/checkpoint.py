@@ -13,21 +13,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
-from maxlm import config as config_lib, state as state_lib
+from maxlm import config as config_lib, paths, state as state_lib
 from maxlm.config import CheckpointConfig, Config, ConfigError
 from maxlm.data import sources
 from maxlm.data.tokenizer import HuggingFaceTokenizer, Tokenizer, load_tokenizer, read_tokenizer
@@ -81,10 +80,11 @@ def state_hash(state: TrainState) -> str:
 class Checkpointer:
     """A run directory's checkpoints: `<run.dir>/checkpoints/<step>/{state,data,progress,...}`."""
 
-    def __init__(self, cfg: CheckpointConfig, run_dir: Path) -> None:
+    def __init__(self, cfg: CheckpointConfig, run_dir: epath.Path) -> None:
+        """`run_dir`: local or remote (`gs://`; orbax writes it through epath and tensorstore)."""
         self.every_steps = cfg.every_steps
-        self.directory = (run_dir / "checkpoints").absolute()
-        self.quarantine = (run_dir / "checkpoints-quarantine").absolute()
+        self.directory = run_dir / "checkpoints"
+        self.quarantine = run_dir / "checkpoints-quarantine"
         self._saving: int | None = None  # the step of the newest save started
         try:
             self._manager = ocp.CheckpointManager(
@@ -212,7 +212,7 @@ class Checkpointer:
         if jax.process_index() == 0:
             self.quarantine.mkdir(parents=True, exist_ok=True)
             target = self.quarantine / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-            shutil.move(str(self.directory / str(step)), str(target))
+            paths.move(self.directory / str(step), target)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"maxlm quarantine {step}")
         self._manager.reload()
@@ -269,10 +269,10 @@ class PreemptionWatch:
         self._previous = {}
 
 
-def load_params(path: str | Path, abstract_params: Any, shardings: Any) -> Any:
-    """The parameters of the checkpoint step directory `path` (init_from, a converted model),
-    placed with `shardings`; the optimizer state there is not read."""
-    directory = Path(path).expanduser().absolute()
+def load_params(path: str | epath.PathLike, abstract_params: Any, shardings: Any) -> Any:
+    """The parameters of the checkpoint step directory `path` (init_from, a converted model;
+    local or `gs://`), placed with `shardings`; the optimizer state there is not read."""
+    directory = paths.resolve(path)
     if not (directory / "state").is_dir():
         raise ConfigError(
             f"checkpoint.init_from: {directory} is not a checkpoint step directory (it has no "
@@ -312,9 +312,9 @@ class SavedModel:
     """A model to run: the step directory holding `state/`, the config it was trained (or
     converted) with, and the tokenizer file saved beside it, if any."""
 
-    directory: Path
+    directory: epath.Path
     config: Config
-    tokenizer_file: Path | None
+    tokenizer_file: epath.Path | None
 
     def tokenizer(self) -> Tokenizer:
         """The saved tokenizer file, else the one the config names (a trained BPE is cached)."""
@@ -337,11 +337,11 @@ class SavedModel:
         return load_params(self.directory, abstract, shardings)
 
 
-def open_model(path: str | Path, overrides: Sequence[str] = ()) -> SavedModel:
+def open_model(path: str | epath.PathLike, overrides: Sequence[str] = ()) -> SavedModel:
     """The model at `path`: a run directory (its newest checkpoint), a checkpoint step directory
     `<run.dir>/checkpoints/<step>`, or a converted model (`python -m maxlm.convert`).
     `overrides` (`model.dtype=bfloat16`, ...) apply to the saved config."""
-    path = Path(path).expanduser().absolute()
+    path = paths.resolve(path)
     if (path / "checkpoints").is_dir():
         steps = sorted(int(p.name) for p in (path / "checkpoints").iterdir() if p.name.isdigit())
         if not steps:
@@ -353,11 +353,12 @@ def open_model(path: str | Path, overrides: Sequence[str] = ()) -> SavedModel:
             "converted model (none has a state/ folder there)"
         )
     home = path if (path / CONFIG_FILE).is_file() else path.parent.parent
-    if not (home / CONFIG_FILE).is_file():
+    config_file = home / CONFIG_FILE
+    if not config_file.is_file():
         raise ConfigError(f"checkpoint: no {CONFIG_FILE} in {path} or {home}")
     tokenizers = [home / name for name in ("tokenizer.json", "tokenizer.model")]
     return SavedModel(
         directory=path,
-        config=config_lib.load(str(home / CONFIG_FILE), overrides),
+        config=config_lib.loads(config_file.read_text(), overrides, str(config_file)),
         tokenizer_file=next((f for f in tokenizers if f.is_file()), None),
     )

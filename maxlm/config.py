@@ -45,7 +45,9 @@ def _field(default: Any, description: str, **constraints: Any) -> Any:
 
 
 class RunConfig(Section):
-    dir: str = _field("runs/default", "Run directory: resolved config, metrics, checkpoints.")
+    dir: str = _field(
+        "runs/default", "Run directory: resolved config, metrics, checkpoints; local or gs://."
+    )
     seed: int = _field(0, "Seed for parameter init, data shuffling and dropout.")
 
 
@@ -445,7 +447,7 @@ class SourceConfig(Section):
         "python_stdlib: the running interpreter's .py files.",
     )
     paths: list[str] = _field(
-        [], "Glob patterns (** allowed); hf_dataset: the save_to_disk directory."
+        [], "Globs (** allowed; gs:// but not for array_record); hf_dataset: the save_to_disk dir."
     )
     document_per: Literal["file", "line"] = _field(
         "file", "text_files: a document is a whole file or a line."
@@ -1062,6 +1064,19 @@ def _apply_preset(raw: dict[str, Any]) -> dict[str, Any]:
 def load(config_path: str | None = None, overrides: Sequence[str] = ()) -> Config:
     """YAML file (optional) + `a.b=value` overrides -> validated, frozen Config."""
     node = _read_yaml(_resolve_path(config_path)) if config_path else OmegaConf.create({})
+    return _with_overrides(node, overrides, str(config_path))
+
+
+def loads(text: str, overrides: Sequence[str] = (), where: str = "config") -> Config:
+    """A resolved config's YAML text (a run's config.yaml, read from anywhere) + overrides."""
+    try:
+        node = OmegaConf.create(text)
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        raise ConfigError(f"{where}: cannot read YAML: {str(err).splitlines()[0]}") from err
+    return _with_overrides(node, overrides, where)
+
+
+def _with_overrides(node: Any, overrides: Sequence[str], where: str) -> Config:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.sub=value")
@@ -1073,7 +1088,7 @@ def load(config_path: str | None = None, overrides: Sequence[str] = ()) -> Confi
             raise ConfigError(f"override {item!r}: {str(err).splitlines()[0]}") from err
     raw = OmegaConf.to_container(node, resolve=True)
     if not isinstance(raw, dict):
-        raise ConfigError(f"{config_path}: expected a mapping of sections at the top level")
+        raise ConfigError(f"{where}: expected a mapping of sections at the top level")
     return from_dict({str(key): value for key, value in raw.items()})
 
 

@@ -16,8 +16,11 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
+
+from etils import epath
+
+from maxlm import paths
 
 # Measured buckets; "step" (productive) is the session's remainder.
 MEASURED = ("compile", "startup", "data", "checkpoint", "eval", "profile", "lost")
@@ -30,7 +33,7 @@ class Goodput:
 
     def __init__(
         self,
-        run_dir: Path,
+        run_dir: epath.Path,
         writes: bool,
         session_start: float | None = None,
         clock: Callable[[], float] = time.time,
@@ -128,6 +131,9 @@ class Goodput:
         if not self._writes:
             return
         lines = [json.dumps(session) + "\n" for session in [*self._before, self._line(finished)]]
+        if paths.is_remote(self._path):  # an object is replaced whole: readers never see half
+            self._path.write_text("".join(lines))
+            return
         partial = self._path.with_suffix(".jsonl.partial")
         partial.write_text("".join(lines))
         os.replace(partial, self._path)
@@ -147,5 +153,5 @@ def summary_line(totals: dict[str, float]) -> str:
     )
 
 
-def _read(path: Path) -> list[dict[str, Any]]:
+def _read(path: epath.Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

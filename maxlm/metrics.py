@@ -12,19 +12,23 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import jax
+from etils import epath
 from tqdm import tqdm
 
+from maxlm import paths
 from maxlm.config import ConfigError, WandbConfig
 
 WANDB_ID_FILE = "wandb_id"  # a restarted run logs on to the same W&B run
 
 
 class MetricsWriter:
-    """Writes `<run_dir>/metrics.jsonl`, TensorBoard events and W&B history; only process 0."""
+    """Writes `<run_dir>/metrics.jsonl`, TensorBoard events and W&B history; only process 0.
+    A remote run dir's metrics and events are written locally (objects cannot be appended to)
+    and uploaded by `sync`: at checkpoints and at the end."""
 
     def __init__(
         self,
-        run_dir: Path,
+        run_dir: epath.Path,
         tensorboard: bool,
         resume_step: int = 0,
         wandb: WandbConfig | None = None,
@@ -33,7 +37,9 @@ class MetricsWriter:
         """`resume_step` > 0 keeps the records up to that step (a resumed run rewrites the
         steps after its checkpoint); 0 starts a fresh file. `run_config` goes to W&B."""
         self.enabled = jax.process_index() == 0
-        self._path = run_dir / "metrics.jsonl"
+        self._run_dir = run_dir
+        self._staging = paths.Staging(run_dir) if self.enabled else None
+        self._path = run_dir / "metrics.jsonl"  # a resume reads it, then its local copy
         self._jsonl: TextIO | None = None
         if self.enabled:
             self._reopen(resume_step)
@@ -41,10 +47,15 @@ class MetricsWriter:
         if self.enabled and tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(self._local / "tensorboard"))
         self._wandb = None
         if self.enabled and wandb is not None and wandb.enabled:
-            self._wandb = _start_wandb(wandb, run_dir, run_config or {})
+            self._wandb = _start_wandb(wandb, run_dir, self._local, run_config or {})
+
+    @property
+    def _local(self) -> Path:
+        assert self._staging is not None  # process 0 only
+        return self._staging.local
 
     def _reopen(self, keep_until: int) -> None:
         kept = []
@@ -52,6 +63,7 @@ class MetricsWriter:
             kept = _records_until(self._path, keep_until)
         if self._jsonl is not None:
             self._jsonl.close()
+        self._path = self._local / "metrics.jsonl"  # the run dir's own file when it is local
         self._jsonl = open(self._path, "w")  # noqa: SIM115
         self._jsonl.writelines(kept)
 
@@ -75,6 +87,13 @@ class MetricsWriter:
             # "step" is the x axis (define_metric): after a rewind W&B's own counter goes on
             self._wandb.log({k: v for k, v in record.items() if isinstance(v, int | float)})
 
+    def sync(self) -> None:
+        """Make a remote run dir's metrics.jsonl and TensorBoard events current."""
+        if self._staging is not None:
+            if self._jsonl is not None:
+                self._jsonl.flush()
+            self._staging.sync("metrics.jsonl", "tensorboard")
+
     def summarize(self, summary: dict[str, Any]) -> None:
         """The run's final numbers, as the W&B run summary."""
         if self._wandb is not None:
@@ -86,15 +105,21 @@ class MetricsWriter:
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
+            self._jsonl = None
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+        self.sync()
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
 
 
-def _start_wandb(cfg: WandbConfig, run_dir: Path, run_config: dict[str, Any]) -> Any:
-    """A W&B run for this run directory: the same W&B run again after a restart."""
+def _start_wandb(
+    cfg: WandbConfig, run_dir: epath.Path, local_dir: Path, run_config: dict[str, Any]
+) -> Any:
+    """A W&B run for this run directory: the same W&B run again after a restart. W&B writes
+    its files to `local_dir` (the run dir itself unless that is remote: W&B needs a disk)."""
     try:
         import wandb
     except ImportError:
@@ -107,11 +132,11 @@ def _start_wandb(cfg: WandbConfig, run_dir: Path, run_config: dict[str, Any]) ->
     run = wandb.init(
         project=cfg.project,
         entity=cfg.entity,
-        name=cfg.name or run_dir.resolve().name,
+        name=cfg.name or run_dir.name,
         group=cfg.group,
         tags=cfg.tags or None,
         mode=cfg.mode,
-        dir=str(run_dir),
+        dir=str(local_dir),
         id=id_file.read_text().strip(),
         resume="allow",
         config=run_config,
@@ -122,7 +147,7 @@ def _start_wandb(cfg: WandbConfig, run_dir: Path, run_config: dict[str, Any]) ->
     return run
 
 
-def _records_until(path: Path, step: int) -> list[str]:
+def _records_until(path: epath.Path | Path, step: int) -> list[str]:
     lines = path.read_text().splitlines(keepends=True)
     return [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
 

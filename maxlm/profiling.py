@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 
+from maxlm import paths
 from maxlm.config import ProfileConfig
 
 
@@ -17,11 +18,12 @@ class StepProfiler:
     """Starts the trace before step `start_step` and stops it once step
     `start_step + steps - 1` has finished on the device; every process traces its own devices."""
 
-    def __init__(self, cfg: ProfileConfig, run_dir: Path, log: Callable[[str], None]) -> None:
+    def __init__(self, cfg: ProfileConfig, run_dir: epath.Path, log: Callable[[str], None]) -> None:
         self.first = cfg.start_step
         self.last = cfg.start_step + cfg.steps - 1
         self.enabled = cfg.steps > 0
-        self.dir = Path(cfg.dir) if cfg.dir else run_dir / "profile"
+        # jax writes gs:// itself (its own file system layer, not epath)
+        self.dir = paths.resolve(cfg.dir) if cfg.dir else run_dir / "profile"
         self._perfetto = cfg.perfetto
         self._log = log
         self._active = False

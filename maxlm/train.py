@@ -9,11 +9,11 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from maxlm import (
@@ -22,6 +22,7 @@ from maxlm import (
     generate,
     goodput as goodput_lib,
     mesh as mesh_lib,
+    paths,
     stages as stages_lib,
     state as state_lib,
     train_step,
@@ -74,7 +75,7 @@ def train(cfg: Config) -> dict[str, Any]:
     """Run training as configured; returns the final summary (also written to the run dir)."""
     wall_start, session_start = time.perf_counter(), time.time()
     mesh_lib.initialize_distributed(cfg.distributed)
-    run_dir = Path(cfg.run.dir)
+    run_dir = paths.resolve(cfg.run.dir)  # local, or gs://: every file goes through epath
     run_dir.mkdir(parents=True, exist_ok=True)
     goodput = goodput_lib.Goodput(run_dir, jax.process_index() == 0, session_start)
     if jax.process_index() == 0:
@@ -306,6 +307,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 checkpointer.save(step, state, train_iter, progress_json(step))
             goodput.saved(step)
             goodput.write()
+            writer.sync()
             faults.after_save(step)
         if preempted:
             log(f"preempted: saved step {step}; waiting for it to commit")
@@ -364,7 +366,7 @@ def branch(
 ) -> tuple[int, TrainState, dict[str, Any]]:
     """The whole state of another run's checkpoint `checkpoint.branch_from`, to go on from
     under this run's config (its own schedule and stages from that step on)."""
-    path = Path(cfg.branch_from or "")
+    path = paths.resolve(cfg.branch_from or "")
     if not (path.name.isdigit() and path.parent.name == "checkpoints" and path.is_dir()):
         raise ConfigError(
             f"checkpoint.branch_from: {path} is not a checkpoint step directory "
@@ -632,13 +634,13 @@ class Events:
     """`<run.dir>/events.jsonl`: what the run did besides training (skipped updates, restores
     and the batches skipped, preemption), one JSON object per line; process 0 writes."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: epath.Path) -> None:
         self.path = run_dir / "events.jsonl"
 
     def write(self, step: int, event: str, **details: Any) -> None:
         if jax.process_index() == 0:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, "event": event, **details}) + "\n")
+            line = json.dumps({"step": step, "event": event, **details})
+            paths.append_text(self.path, line + "\n")
 
 
 def describe_batch(batch: dict[str, Any], index: int, names: list[str]) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import jax
@@ -20,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import sentencepiece
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from maxlm import checkpoint
+from maxlm import checkpoint, paths
 from maxlm.config import ConfigError
 from maxlm.data.tokenizer import (
     HuggingFaceTokenizer,
@@ -166,7 +166,7 @@ def _piece(tokenizer: Tokenizer, i: int) -> str | None:
     return tokenizer.decode([i])
 
 
-def _check_extends(old: Tokenizer, new: Tokenizer, directory: Path) -> None:
+def _check_extends(old: Tokenizer, new: Tokenizer, directory: epath.Path) -> None:
     """A ConfigError unless `new` gives every id of `old` the same token (an extension)."""
     for i in range(old.vocab_size):
         if i >= new.vocab_size or _piece(old, i) != _piece(new, i):
@@ -182,7 +182,7 @@ def _check_extends(old: Tokenizer, new: Tokenizer, directory: Path) -> None:
 # ---------------------------------------------------------------------------- checkpoint.init_from
 
 
-def saved_tokenizer(directory: Path) -> Tokenizer | None:
+def saved_tokenizer(directory: epath.Path) -> Tokenizer | None:
     """The tokenizer file beside a checkpoint step directory: a converted model's own, or its
     run's (<run.dir>/tokenizer.*, two levels up), as `checkpoint.open_model` finds them."""
     home = directory if (directory / checkpoint.CONFIG_FILE).is_file() else directory.parent.parent
@@ -192,7 +192,7 @@ def saved_tokenizer(directory: Path) -> Tokenizer | None:
     return None
 
 
-def saved_vocab_rows(directory: Path) -> int | None:
+def saved_vocab_rows(directory: epath.Path) -> int | None:
     """Rows of the embedding saved in the step directory `directory` (orbax metadata, nothing
     read); None if the metadata does not say."""
     try:
@@ -216,7 +216,7 @@ def _fitting(sharding: Any, shape: tuple[int, ...]) -> Any:
 
 
 def init_from(
-    path: str | Path,
+    path: str | epath.PathLike,
     abstract_params: dict[str, Any],
     shardings: dict[str, Any],
     *,
@@ -228,7 +228,7 @@ def init_from(
     grows to this model's (`resize_vocab`), new token ids of `tokenizer` (an extension of the
     saved tokenizer) initialized by `new_token_init`. The old checkpoint is read sharded and
     resized under jit into the target shardings: no full host copy of a matrix ever exists."""
-    directory = Path(path).expanduser().absolute()
+    directory = paths.resolve(path)
     old_rows = saved_vocab_rows(directory)
     new_rows = int(abstract_params["embed_tokens"]["embedding"].shape[0])
     if old_rows is None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import hashlib
 import json
 import os
@@ -25,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from maxlm import paths
 from maxlm.config import ConfigError, SourceConfig
 
 _SITE_DIRS = {"site-packages", "dist-packages"}
@@ -70,7 +70,7 @@ class FileDocuments:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> str:
-        with open(self.files[self.file_index[i]], "rb") as f:
+        with paths.open_read(self.files[self.file_index[i]]) as f:
             f.seek(int(self.offset[i]))
             raw = f.read(int(self.nbytes[i])).decode("utf-8", errors="replace")
         return raw if self.text_field is None else _field_text(json.loads(raw), self.text_field)
@@ -110,6 +110,11 @@ def documents(cfg: SourceConfig, key: str = "data.sources") -> Documents:
     if cfg.kind == "parquet":
         return _parquet(files, cfg.text_field, key)
     if cfg.kind == "array_record":
+        if any(paths.is_remote(f) for f in files):  # its C++ file layer reads local disks only
+            raise ConfigError(
+                f"{key}.paths: array_record shards must be on a local disk (ArrayRecord cannot "
+                f"read {files[0].split('://')[0]}://); copy them first, e.g. gcloud storage cp -r"
+            )
         return _token_shards(files, key)
     if cfg.document_per == "line":
         return _per_line(files)
@@ -233,11 +238,11 @@ def _text_column(chunks: list[pa.Array], field_name: str, where: str, key: str) 
 
 
 def _parquet_column(files: tuple[str, ...], field_name: str) -> list[pa.Array]:
-    return [
-        chunk
-        for path in files
-        for chunk in pq.read_table(path, columns=[field_name]).column(0).chunks
-    ]
+    chunks = []
+    for path in files:
+        with paths.open_read(path) as f:  # pyarrow's own GCS client would not share epath's setup
+            chunks += pq.read_table(f, columns=[field_name]).column(0).chunks
+    return chunks
 
 
 def _parquet(files: list[str], field_name: str, key: str) -> ArrowDocuments:
@@ -245,7 +250,8 @@ def _parquet(files: list[str], field_name: str, key: str) -> ArrowDocuments:
     ids, sizes = [], []
     for path in files:
         try:
-            schema = pq.read_schema(path)
+            with paths.open_read(path) as f:
+                schema = pq.read_schema(f)
         except (pa.ArrowException, OSError) as err:
             raise ConfigError(f"{key}.paths: {path}: not a readable Parquet file: {err}") from None
         if field_name not in schema.names:
@@ -378,8 +384,7 @@ def _token_shards(files: list[str], key: str) -> TokenDocuments:
 def _glob_all(patterns: list[str], key: str) -> list[str]:
     found: set[str] = set()
     for pattern in patterns:
-        matches = glob.glob(os.path.expanduser(pattern), recursive=True)
-        matches = [m for m in matches if os.path.isfile(m)]
+        matches = paths.glob(pattern)
         if not matches:
             raise ConfigError(f"{key}.paths: no files match {pattern!r}")
         found.update(matches)
@@ -392,7 +397,7 @@ def _per_file(files: list[str], ids: list[str]) -> FileDocuments:
         files=files,
         file_index=np.arange(n, dtype=np.int64),
         offset=np.zeros(n, dtype=np.int64),
-        nbytes=np.array([os.path.getsize(f) for f in files], dtype=np.int64),
+        nbytes=np.array([paths.size(f) for f in files], dtype=np.int64),
         ids=ids,
     )
 
@@ -402,7 +407,7 @@ def _per_line(files: list[str]) -> FileDocuments:
     file_index, offset, nbytes, ids = [], [], [], []
     for k, path in enumerate(files):
         start = 0
-        with open(path, "rb") as f:
+        with paths.open_read(path) as f:
             for lineno, line in enumerate(f, start=1):
                 if line.strip():
                     file_index.append(k)

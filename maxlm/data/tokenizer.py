@@ -22,7 +22,7 @@ import tokenizers
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from maxlm import cli
+from maxlm import cli, paths
 from maxlm.config import ConfigError, SourceConfig, TokenizerConfig
 from maxlm.data.sources import Documents, documents, stable_hash
 
@@ -51,9 +51,13 @@ class Tokenizer(abc.ABC):
     fingerprint: str
     data: bytes  # the file's bytes: `save` writes them, `fingerprint` hashes them
 
-    def save(self, path: str | Path) -> None:
-        """Write the tokenizer file (atomically: readers see nothing or the whole file)."""
-        _write_atomic(Path(path), self.data)
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the tokenizer file (atomically: readers see nothing or the whole file; a
+        remote object is replaced whole anyway)."""
+        if paths.is_remote(path):
+            paths.resolve(path).write_bytes(self.data)
+        else:
+            _write_atomic(Path(path), self.data)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without BOS/EOS."""
@@ -267,9 +271,10 @@ def tokens_per_char(tokenizer: Tokenizer, texts: Sequence[str]) -> float:
     return sum(len(ids) for ids in tokenizer.encode_batch(list(texts))) / max(chars, 1)
 
 
-def read_tokenizer(path: str | Path) -> Tokenizer:
-    """A tokenizer.json (JSON) or sentencepiece .model (protobuf) file, told apart by content."""
-    data = Path(path).read_bytes()
+def read_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
+    """A tokenizer.json (JSON) or sentencepiece .model (protobuf) file, local or remote, told
+    apart by content."""
+    data = paths.resolve(path).read_bytes()
     if data.lstrip()[:1] == b"{":
         return HuggingFaceTokenizer.from_bytes(data)
     return SentencePieceTokenizer.from_bytes(data)

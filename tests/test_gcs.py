@@ -1,0 +1,104 @@
+"""run.dir and data in Cloud Storage, against a local emulator: a run in gs:// killed mid-way
+and rerun resumes from its checkpoint in the bucket and ends in the state of an uninterrupted
+local run; its metrics, config, goodput and summary are objects in the bucket, complete."""
+
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import gcsfs
+import portpicker
+import pytest
+from training import cli, overrides, write_config
+
+from maxlm import config
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory):
+    """An in-memory Cloud Storage emulator with bucket `bkt`: (filesystem, env of a run)."""
+    port = portpicker.pick_unused_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gcp_storage_emulator", "start", f"--port={port}",
+         "--default-bucket=bkt", "--in-memory"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("localhost", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the storage emulator did not start"
+            time.sleep(0.2)
+    url = f"http://localhost:{port}"
+    env = {
+        "EPATH_USE_TF": "false",  # tf.io.gfile (TensorFlow is in the seqio extra) ignores it
+        "STORAGE_EMULATOR_HOST": url,
+        "TENSORSTORE_GCS_HTTP_URL": url,
+        "HOME": str(tmp_path_factory.mktemp("home")),  # the local staging of remote run dirs
+    }
+    with pytest.MonkeyPatch.context() as patch:  # gcsfs reads it (an endpoint_url argument
+        patch.setenv("STORAGE_EMULATOR_HOST", url)  # would send it to gRPC, which hangs)
+        yield gcsfs.GCSFileSystem(), env
+    server.terminate()
+    server.wait()
+
+
+def run(corpus, run_dir, tmp_path, env, **faults):
+    cfg = config.load(
+        None,
+        overrides(
+            corpus, run_dir, f"train.steps={STEPS}", "checkpoint.every_steps=3",
+            "eval.every_steps=0", "metrics.log_every_steps=1",
+            # a save commits before the next step: the kill below finds step 3 in the bucket
+            "checkpoint.async_save=false",
+        ),
+    )  # fmt: skip
+    config_file = write_config(tmp_path / "run.yaml", cfg)
+    env = {**env, **{f"MAXLM_FAULT_{k.upper()}": str(v) for k, v in faults.items()}}
+    return cli([f"--config={config_file}"], cwd=tmp_path, devices=2, env=env)
+
+
+def steps_of(text):
+    return [json.loads(line)["step"] for line in text.splitlines() if "loss" in line]
+
+
+@pytest.mark.slow
+def test_run_dir_in_gcs_killed_and_rerun_ends_in_the_local_runs_state(corpus, bucket, tmp_path):
+    fs, env = bucket
+    for text in sorted(glob.glob(corpus["glob"])):
+        fs.put_file(text, f"bkt/data/{os.path.basename(text)}")
+    data = {**corpus, "glob": "gs://bkt/data/*.txt"}
+
+    local = run(data, tmp_path / "local", tmp_path, env)
+    assert local.returncode == 0, local.stderr[-3000:]
+    local_summary = json.loads((tmp_path / "local" / "summary.json").read_text())
+
+    killed = run(data, "gs://bkt/run", tmp_path, env, kill_at_step=5)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    fs.invalidate_cache()  # another process wrote the bucket
+    assert not fs.exists("bkt/run/summary.json")
+    assert fs.exists("bkt/run/checkpoints/3")
+    # uploaded at the checkpoint: the records up to it, though nothing can be appended in GCS
+    assert steps_of(fs.cat("bkt/run/metrics.jsonl").decode()) == [1, 2, 3]
+
+    resumed = run(data, "gs://bkt/run", tmp_path, env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    fs.invalidate_cache()
+    assert "resumed from the checkpoint of step 3 in gs://bkt/run/checkpoints" in resumed.stdout
+    summary = json.loads(fs.cat("bkt/run/summary.json"))
+    assert summary["state_hash"] == local_summary["state_hash"]
+    assert steps_of(fs.cat("bkt/run/metrics.jsonl").decode()) == list(range(1, STEPS + 1))
+    sessions = [json.loads(line) for line in fs.cat("bkt/run/goodput.jsonl").splitlines()]
+    assert [s["finished"] for s in sessions] == [False, True]
+    assert config.loads(fs.cat("bkt/run/config.yaml").decode()).run.dir == "gs://bkt/run"
+    assert fs.exists("bkt/run/tokenizer.json") or fs.exists("bkt/run/tokenizer.model")
+    assert fs.ls("bkt/run/tensorboard")
+    assert {p.rsplit("/", 1)[1] for p in fs.ls("bkt/run/checkpoints")} >= {"6", "8"}
