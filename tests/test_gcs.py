@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import gcsfs
 import portpicker
@@ -16,6 +17,7 @@ import pytest
 from training import cli, overrides, write_config
 
 from maxlm import config
+from maxlm.data import sources
 
 STEPS = 8
 
@@ -25,7 +27,7 @@ def bucket(tmp_path_factory):
     """An in-memory Cloud Storage emulator with bucket `bkt`: (filesystem, env of a run)."""
     port = portpicker.pick_unused_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "start", f"--port={port}",
+        [sys.executable, str(Path(__file__).parent / "gcs_emulator.py"), "start", f"--port={port}",
          "--default-bucket=bkt", "--in-memory"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -102,3 +104,25 @@ def test_run_dir_in_gcs_killed_and_rerun_ends_in_the_local_runs_state(corpus, bu
     assert fs.exists("bkt/run/tokenizer.json") or fs.exists("bkt/run/tokenizer.model")
     assert fs.ls("bkt/run/tensorboard")
     assert {p.rsplit("/", 1)[1] for p in fs.ls("bkt/run/checkpoints")} >= {"6", "8"}
+
+    # open_model reads the model from the bucket: the same text as from the local run
+    def generate(checkpoint):
+        done = subprocess.run(
+            [sys.executable, "-m", "maxlm.generate", f"--checkpoint={checkpoint}",
+             "--prompt=def alpha_reads(x):", "--max-new-tokens=12"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+            env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    assert generate("gs://bkt/run") == generate(tmp_path / "local")
+
+
+def test_array_record_shards_in_a_bucket_are_refused_by_name(bucket):
+    """ArrayRecord's C++ file layer cannot read gs:// (it hangs): a clear error instead."""
+    fs, _ = bucket
+    fs.pipe("bkt/shards/part-0.array_record", b"not read")
+    source = config.SourceConfig(kind="array_record", paths=["gs://bkt/shards/*.array_record"])
+    with pytest.raises(config.ConfigError, match=r"data\.sources\.web\.paths: .*local disk"):
+        sources.documents(source, "data.sources.web")

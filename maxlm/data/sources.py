@@ -113,7 +113,8 @@ def documents(cfg: SourceConfig, key: str = "data.sources") -> Documents:
         if any(paths.is_remote(f) for f in files):  # its C++ file layer reads local disks only
             raise ConfigError(
                 f"{key}.paths: array_record shards must be on a local disk (ArrayRecord cannot "
-                f"read {files[0].split('://')[0]}://); copy them first, e.g. gcloud storage cp -r"
+                f"read {files[0].split('://')[0]}://): copy them (gcloud storage cp -r) or mount "
+                "the bucket with gcsfuse and give the mounted path"
             )
         return _token_shards(files, key)
     if cfg.document_per == "line":
