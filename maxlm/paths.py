@@ -48,16 +48,20 @@ def glob(pattern: str) -> list[str]:
 
 
 def open_read(location: str) -> BinaryIO:
-    """A file opened to read bytes: with the builtin open when local (it is called per document),
-    else through epath."""
+    """A data file opened to read bytes: with the builtin open when local (it is called per
+    document), else through fsspec, like `glob`, whatever epath's backend: pyarrow needs a real
+    file object (TensorFlow's GFile, which epath may pick, has no `closed`)."""
     if is_remote(location):
-        return resolve(location).open("rb")
+        return fsspec.open(location, "rb").open()
     return open(location, "rb")
 
 
 def size(location: str) -> int:
-    """A file's size in bytes."""
-    return resolve(location).stat().length if is_remote(location) else os.path.getsize(location)
+    """A data file's size in bytes."""
+    if is_remote(location):
+        fs, path = fsspec.core.url_to_fs(location)
+        return int(fs.size(path))
+    return os.path.getsize(location)
 
 
 def append_text(path: epath.Path, text: str) -> None:

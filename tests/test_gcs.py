@@ -13,7 +13,10 @@ from pathlib import Path
 
 import gcsfs
 import portpicker
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from etils.epath import gpath
 from training import cli, overrides, write_config
 
 from maxlm import config
@@ -48,7 +51,10 @@ def bucket(tmp_path_factory):
     }
     with pytest.MonkeyPatch.context() as patch:  # gcsfs reads it (an endpoint_url argument
         patch.setenv("STORAGE_EMULATOR_HOST", url)  # would send it to gRPC, which hangs)
+        patch.setenv("EPATH_USE_TF", "false")  # and this process's epath must use gcsfs too
+        gpath._is_tf_installed.cache_clear()  # epath decides once per process
         yield gcsfs.GCSFileSystem(), env
+    gpath._is_tf_installed.cache_clear()
     server.terminate()
     server.wait()
 
@@ -126,3 +132,39 @@ def test_array_record_shards_in_a_bucket_are_refused_by_name(bucket):
     source = config.SourceConfig(kind="array_record", paths=["gs://bkt/shards/*.array_record"])
     with pytest.raises(config.ConfigError, match=r"data\.sources\.web\.paths: .*local disk"):
         sources.documents(source, "data.sources.web")
+
+
+@pytest.mark.parametrize("epath_uses_tf", [False, True])
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_jsonl_and_parquet_sources_read_the_same_documents_from_a_bucket(
+    kind, epath_uses_tf, bucket, tmp_path, monkeypatch
+):
+    """Records (with unicode, and ** recursing into a sub-folder) read from gs:// equal the
+    same files read from a local disk, document for document; data goes through gcsfs even
+    where epath would use TensorFlow's gfile (which ignores the emulator, and whose files
+    pyarrow cannot read)."""
+    fs, _ = bucket
+    texts = [[f"doc {i} of part {part}: naïve café ✓" for i in range(5)] for part in range(2)]
+    local = tmp_path / kind
+    (local / "sub").mkdir(parents=True)
+    for part, rows in enumerate(texts):
+        path = local / ("sub" if part else "") / f"part-{part}.{kind}"
+        if kind == "jsonl":
+            path.write_text("".join(json.dumps({"text": t, "n": 1}) + "\n" for t in rows))
+        else:
+            pq.write_table(pa.table({"text": rows}), path)
+        fs.put_file(str(path), f"bkt/{kind}/{path.relative_to(local).as_posix()}")
+
+    def read(pattern):
+        docs = sources.documents(config.SourceConfig(kind=kind, paths=[pattern]), "data.sources.x")
+        return [docs[i] for i in range(len(docs))]
+
+    monkeypatch.setenv("EPATH_USE_TF", str(epath_uses_tf).lower())
+    gpath._is_tf_installed.cache_clear()
+    try:
+        remote = read(f"gs://bkt/{kind}/**/*.{kind}")
+    finally:
+        monkeypatch.undo()
+        gpath._is_tf_installed.cache_clear()
+    assert remote == read(f"{local}/**/*.{kind}")
+    assert sorted(remote) == sorted(t for rows in texts for t in rows)
