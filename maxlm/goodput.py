@@ -126,6 +126,13 @@ class Goodput:
             "gap_before": self._gap_before,
         }
 
+    def write_if_local(self) -> None:
+        """A logging step's update of this session's line, where that is a local file write.
+        In a bucket an upload per logging step would stall training, so the line is written at
+        checkpoints only; the next session counts the time since as downtime, lost all the same."""
+        if not paths.is_remote(self._path):
+            self.write()
+
     def write(self, finished: bool = False) -> None:
         """Keep this session's line of goodput.jsonl current (process 0)."""
         if not self._writes:

@@ -611,7 +611,7 @@ class Progress:
         if len(self.source_tokens) > 1:
             record.update({f"tokens_seen/{n}": t for n, t in self.source_tokens.items()})
         record["goodput"] = self.goodput.totals()["goodput"]
-        self.goodput.write()
+        self.goodput.write_if_local()
         self._window_losses = []
         self._window_tokens = 0.0
         self._window_slots = 0.0

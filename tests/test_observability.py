@@ -251,3 +251,30 @@ def test_a_killed_and_rerun_trainer_reports_goodput_profile_and_wandb(corpus, tm
     final = {k: v for s in of_kind(records, "summary") for k, v in items(s.update).items()}
     assert final["final_train_loss"] == summary["final_train_loss"]
     assert final["goodput"] == summary["goodput"]
+
+
+def test_step_profiler_traces_exactly_its_steps(tmp_path):
+    """Steps 2-3 of 1-4: the trace starts before step 2, stops after step 3 (the seconds spent
+    writing it are returned once), and leaves an XProf and a Perfetto file; steps=0 is off."""
+    import jax.numpy as jnp
+
+    from maxlm.config import ProfileConfig
+    from maxlm.profiling import StepProfiler
+
+    logged: list[str] = []
+    profiler = StepProfiler(ProfileConfig(steps=2, start_step=2), tmp_path, logged.append)
+    spent = []
+    for step in range(1, 5):
+        profiler.before(step)
+        state = jnp.ones(4) * step
+        spent.append(profiler.after(step, state))
+    assert spent[0] == spent[1] == spent[3] == 0.0 and spent[2] > 0
+    assert logged == [f"profile of steps 2-3 written to {tmp_path / 'profile'}"]
+    written = {p.name.split(".", 1)[-1] for p in (tmp_path / "profile").rglob("*") if p.is_file()}
+    assert {"xplane.pb", "json.gz"} <= written
+
+    off = StepProfiler(ProfileConfig(steps=0), tmp_path / "off", logged.append)
+    for step in range(1, 8):
+        off.before(step)
+        assert off.after(step, None) == 0.0
+    assert not (tmp_path / "off").exists()
