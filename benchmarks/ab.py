@@ -9,6 +9,8 @@ config overrides. Every variant gets its own process (XLA flags are per process)
 trainer's code path (`train_throughput.build_shape`); workers then take turns running `--steps`
 steps for `--rounds` rounds. Prints the median step time, speed relative to the first variant,
 compile time and final loss (equal losses show the variants compute the same thing).
+Workers start with huge-page malloc, as `python -m maxlm.train` restarts itself
+(maxlm/host_memory.py); a variant `MAXLM_HUGE_PAGES=0 |` runs without.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from maxlm import host_memory
 
 
 def worker(shape: str, overrides: list[str]) -> None:
@@ -49,6 +53,8 @@ def start(shape: str, variant: str) -> tuple[subprocess.Popen[str], dict[str, fl
     env_part, _, override_part = variant.rpartition("|")
     env = dict(os.environ)
     env.update(item.split("=", 1) for item in shlex.split(env_part))
+    if host_memory.wanted(env):  # as `python -m maxlm.train` restarts itself
+        env["GLIBC_TUNABLES"] = host_memory.tunables(env)
     process = subprocess.Popen(
         [sys.executable, __file__, "--worker", shape, *shlex.split(override_part)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,

@@ -55,7 +55,7 @@ from typing import Any
 
 import jax
 
-from maxlm import config, estimate
+from maxlm import config, estimate, host_memory
 
 BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS))
@@ -138,13 +138,28 @@ def _log_tail(path: Path, lines: int = 1) -> str:
     return " | ".join((errors or text)[-lines:]) or "(empty log)"
 
 
+def peer_env(kind: str, huge_pages: str) -> dict[str, str]:
+    """A peer's environment. maxlm's CLI restarts itself with huge-page malloc
+    (maxlm/host_memory.py), so its worker starts with it; the peers run as their users run
+    them, unless `--huge-pages=all` (or `none`: nobody)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    if host_memory.TUNABLE in env.get("GLIBC_TUNABLES", ""):
+        del env["GLIBC_TUNABLES"]
+    chosen = huge_pages == "all" or (huge_pages == "maxlm" and kind == "maxlm")
+    if chosen and host_memory.wanted(env):
+        env["GLIBC_TUNABLES"] = host_memory.tunables(env)
+    return env
+
+
 class Worker:
     """A persistent maxlm or torch worker subprocess (benchmarks/peers/worker.py)."""
 
-    def __init__(self, kind: str, spec: dict[str, Any], dtype: str, workdir: Path) -> None:
+    def __init__(
+        self, kind: str, spec: dict[str, Any], dtype: str, workdir: Path, huge_pages: str
+    ) -> None:
         self.kind = kind
         self.log_path = workdir / f"{spec['name']}-{kind}.log"
-        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        env = peer_env(kind, huge_pages)
         env["TORCHINDUCTOR_CACHE_DIR"] = str(workdir / "inductor")  # a cold compile, every run
         with self.log_path.open("w") as log:
             self.proc = subprocess.Popen(
@@ -196,7 +211,10 @@ class MaxText:
 
     kind = "maxtext"
 
-    def __init__(self, python: str, spec: dict[str, Any], dtype: str, workdir: Path) -> None:
+    def __init__(
+        self, python: str, spec: dict[str, Any], dtype: str, workdir: Path, huge_pages: str
+    ) -> None:
+        self.env = {**peer_env(self.kind, huge_pages), "JAX_LOG_COMPILES": "1"}
         if not Path(python).exists():
             raise Skipped(f"no Python at {python} (a Python >= 3.12 venv with `maxtext[tpu]`)")
         probe = subprocess.run(
@@ -243,13 +261,12 @@ class MaxText:
         """Seconds of each of `steps` train steps after the warm-up ones, from MaxText's log."""
         self.rounds += 1
         log_path = self.workdir / f"{self.spec['name']}-maxtext-{self.rounds}.log"
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_LOG_COMPILES": "1"}
         with log_path.open("w") as log:
             proc = subprocess.Popen(
                 self._command(MAXTEXT_WARMUP_STEPS + steps),
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=env,
+                env=self.env,
                 cwd=self.workdir,
             )
             _, status, usage = os.wait4(proc.pid, 0)
@@ -281,8 +298,8 @@ Runner = Worker | MaxText
 
 def start(kind: str, spec: dict[str, Any], args: argparse.Namespace, workdir: Path) -> Runner:
     if kind == "maxtext":
-        return MaxText(args.maxtext_python, spec, args.dtype, workdir)
-    return Worker(kind, spec, args.dtype, workdir)
+        return MaxText(args.maxtext_python, spec, args.dtype, workdir, args.huge_pages)
+    return Worker(kind, spec, args.dtype, workdir, args.huge_pages)
 
 
 def steps_per_round(steps: int, rounds: int) -> list[int]:
@@ -407,6 +424,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--peers", default=",".join(PEERS), help=f"comma list of {PEERS}")
+    parser.add_argument(
+        "--huge-pages", default="maxlm", choices=["maxlm", "all", "none"],
+        help="who runs with huge-page malloc (maxlm's CLI sets it for itself)",
+    )  # fmt: skip
     parser.add_argument(
         "--maxtext-python",
         default=str(BENCHMARKS.parent / ".venv-maxtext" / "bin" / "python"),

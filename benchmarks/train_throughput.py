@@ -16,7 +16,7 @@ from typing import Any
 
 import jax
 
-from maxlm import config, estimate, mesh as mesh_lib, state as state_lib, train_step
+from maxlm import config, estimate, host_memory, mesh as mesh_lib, state as state_lib, train_step
 from maxlm.data.synthetic import packed_batch
 
 # The shapes the performance issue and ../shared/FACTS.md compare peers on.
@@ -65,6 +65,7 @@ def measure(name: str, steps: int, dtype: str) -> dict[str, float]:
 
 
 def main() -> None:
+    host_memory.restart_with_huge_pages()  # as `python -m maxlm.train` does
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="tiny,small")
     parser.add_argument("--steps", type=int, default=20)

@@ -33,6 +33,9 @@ Constrain = Callable[[jax.Array, tuple[str | None, ...]], jax.Array]
 
 # Splash tiles: the largest of these dividing the sequence (MaxText's default is 512).
 SPLASH_BLOCKS = (512, 256, 128)
+# The xla path's causal query blocks (`causal_block`): benchmarks/NOTES.md, change 7.
+CAUSAL_BLOCK_MIN = 256
+CAUSAL_BLOCKS = 8
 
 
 def document_mask(segment_ids: jax.Array, prefix: jax.Array | None = None) -> jax.Array:
@@ -72,7 +75,39 @@ def attend(
         return _fused(q, k, v, segment_ids, prefix, implementation)
     # Recomputed in the backward pass, as fused kernels do: the (B,N,T,S) float32 probabilities
     # of every layer are then never stored (268 MB per step on `small`, GiBs at 4K tokens).
+    block = causal_block(q.shape[1])
+    if prefix is None and q.shape[1] == k.shape[1] and block < q.shape[1]:
+        return jax.checkpoint(_causal_blocks, static_argnums=(4,))(q, k, v, segment_ids, block)
     return jax.checkpoint(_fused, static_argnums=(5,))(q, k, v, segment_ids, prefix, "xla")
+
+
+def causal_block(length: int) -> int:
+    """Query block of the xla path: at least CAUSAL_BLOCK_MIN (smaller dots run slower than the
+    skipped work saves, measured) and at most CAUSAL_BLOCKS blocks (each is its own code in the
+    compiled layer); the whole sequence when no such block divides it."""
+    block = max(CAUSAL_BLOCK_MIN, -(-length // CAUSAL_BLOCKS))
+    while block < length and length % block:
+        block += 1
+    return block
+
+
+def _causal_blocks(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, block: int
+) -> jax.Array:
+    """Causal attention `block` queries at a time, each against only the keys up to its own
+    last position: the masked upper triangle of QK^T, its softmax and PV are never computed."""
+    outputs = []
+    for start in range(0, q.shape[1], block):
+        end = start + block
+        rows = jnp.arange(start, end)[:, None]
+        cols = jnp.arange(end)[None, :]
+        mask = (segment_ids[:, start:end, None] == segment_ids[:, None, :end]) & (rows >= cols)
+        outputs.append(
+            jax.nn.dot_product_attention(
+                q[:, start:end], k[:, :end], v[:, :end], mask=mask[:, None], implementation="xla"
+            )
+        )
+    return jnp.concatenate(outputs, axis=1)
 
 
 def _fused(

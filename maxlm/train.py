@@ -21,6 +21,7 @@ from maxlm import (
     estimate,
     generate,
     goodput as goodput_lib,
+    host_memory,
     mesh as mesh_lib,
     paths,
     stages as stages_lib,
@@ -652,6 +653,8 @@ def describe_batch(batch: dict[str, Any], index: int, names: list[str]) -> dict[
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    if argv is None:  # the command line, not a caller in this process
+        host_memory.restart_with_huge_pages()
     try:
         cfg = config_lib.parse_argv(sys.argv[1:] if argv is None else argv)
         train(cfg)
