@@ -53,8 +53,7 @@ def start(shape: str, variant: str) -> tuple[subprocess.Popen[str], dict[str, fl
     env_part, _, override_part = variant.rpartition("|")
     env = dict(os.environ)
     env.update(item.split("=", 1) for item in shlex.split(env_part))
-    if host_memory.wanted(env):  # as `python -m maxlm.train` restarts itself
-        env["GLIBC_TUNABLES"] = host_memory.tunables(env)
+    env = host_memory.environment(env)  # as `python -m maxlm.train` restarts itself
     process = subprocess.Popen(
         [sys.executable, __file__, "--worker", shape, *shlex.split(override_part)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,

@@ -146,9 +146,7 @@ def peer_env(kind: str, huge_pages: str) -> dict[str, str]:
     if host_memory.TUNABLE in env.get("GLIBC_TUNABLES", ""):
         del env["GLIBC_TUNABLES"]
     chosen = huge_pages == "all" or (huge_pages == "maxlm" and kind == "maxlm")
-    if chosen and host_memory.wanted(env):
-        env["GLIBC_TUNABLES"] = host_memory.tunables(env)
-    return env
+    return host_memory.environment(env) if chosen else env
 
 
 class Worker:

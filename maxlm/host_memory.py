@@ -28,7 +28,8 @@ def wanted(environ: dict[str, str] | os._Environ[str] = os.environ) -> bool:
     libc, version = platform.libc_ver()
     if sys.platform != "linux" or libc != "glibc":
         return False
-    if tuple(int(part) for part in version.split(".")[:2]) < (2, 35):
+    major_minor = version.split(".")[:2]
+    if not all(part.isdigit() for part in major_minor) or tuple(map(int, major_minor)) < (2, 35):
         return False
     try:
         return "[never]" not in THP_MODES.read_text()
@@ -39,6 +40,12 @@ def wanted(environ: dict[str, str] | os._Environ[str] = os.environ) -> bool:
 def tunables(environ: dict[str, str] | os._Environ[str] = os.environ) -> str:
     """GLIBC_TUNABLES with huge-page malloc added to whatever the user set."""
     return ":".join(filter(None, [environ.get("GLIBC_TUNABLES", ""), f"{TUNABLE}=1"]))
+
+
+def environment(environ: dict[str, str] | os._Environ[str] = os.environ) -> dict[str, str]:
+    """A copy of `environ` with huge-page malloc added when `wanted`: what a child process
+    needs to start as `python -m maxlm.train` would restart itself."""
+    return {**environ, "GLIBC_TUNABLES": tunables(environ)} if wanted(environ) else dict(environ)
 
 
 def restart_with_huge_pages() -> None:

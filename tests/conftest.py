@@ -15,8 +15,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from maxlm import host_memory  # imports no jax
 
 # `python -m maxlm.train` subprocesses then start as they would restart themselves (2 s saved each)
-if host_memory.wanted():
-    os.environ["GLIBC_TUNABLES"] = host_memory.tunables()
+os.environ.update(host_memory.environment())
 
 import jax
 import pytest

@@ -37,6 +37,16 @@ def test_tunables_keep_the_users_own():
     )
     assert not host_memory.wanted({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
     assert not host_memory.wanted({"MAXLM_HUGE_PAGES": "0"})
+    assert host_memory.environment({"MAXLM_HUGE_PAGES": "0"}) == {"MAXLM_HUGE_PAGES": "0"}
+
+
+@needs_huge_pages
+def test_environment_for_children_adds_the_tunable():
+    env = host_memory.environment({"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert env == {
+        "PATH": "/bin",
+        "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1",
+    }
 
 
 @needs_huge_pages
