@@ -15,7 +15,9 @@ choose layouts well, and a barrier would only cost a copy.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -79,3 +81,42 @@ def einsum(
     x2 = x.reshape(-1, math.prod(w.shape[:contracted]))
     y2 = matmul(x2, w.reshape(x2.shape[1], -1), out_dtype)
     return y2.reshape(*x.shape[: x.ndim - contracted], *w.shape[contracted:])
+
+
+def project(
+    x: jax.Array, kernels: Sequence[jax.Array], out_dtype: DTypeLike, *, cpu_layouts: bool
+) -> list[jax.Array]:
+    """x (..., K) times each kernel (K, *out_i) -> (..., *out_i), as `einsum` would compute them
+    one by one. With `cpu_layouts` they run as one `matmul` against the kernels side by side:
+    x is saved for the backward pass and transposed there once instead of once per kernel, and
+    its gradient is one dot."""
+    if not cpu_layouts:
+        return [
+            jnp.tensordot(x, kernel.astype(x.dtype), axes=1, preferred_element_type=out_dtype)
+            for kernel in kernels
+        ]
+    columns = [kernel.reshape(kernel.shape[0], -1) for kernel in kernels]
+    y = matmul(x.reshape(-1, x.shape[-1]), jnp.concatenate(columns, axis=1), out_dtype)
+    ends = tuple(itertools.accumulate(c.shape[1] for c in columns))
+    return [
+        part.reshape(*x.shape[:-1], *kernel.shape[1:])
+        for part, kernel in zip(_split_columns(y, ends), kernels, strict=True)
+    ]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _split_columns(y: jax.Array, ends: tuple[int, ...]) -> list[jax.Array]:
+    """y (M, N) cut into column blocks ending at `ends`. Its backward pass concatenates the
+    blocks' gradients (autodiff would pad each to (M, N) and add them up)."""
+    return [y[:, start:end] for start, end in itertools.pairwise((0, *ends))]
+
+
+def _split_columns_fwd(y: jax.Array, ends: tuple[int, ...]) -> tuple[list[jax.Array], None]:
+    return _split_columns(y, ends), None
+
+
+def _split_columns_bwd(ends: tuple[int, ...], _: None, grads: list[jax.Array]) -> tuple[jax.Array]:
+    return (jnp.concatenate(grads, axis=1),)
+
+
+_split_columns.defvjp(_split_columns_fwd, _split_columns_bwd)

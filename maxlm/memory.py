@@ -6,19 +6,20 @@ tests/test_estimate.py checks these formulas against them byte for byte, and the
 XLA). Bytes per token and layer, with D = d_model, Q = N*H (query heads x head size), KV = K*H,
 F = mlp_dim, S = seq_len, c = compute-dtype bytes:
 
-  remat none           24 D + 16 + c (2 Q + 2 KV + 6 F + 2 D)
+  remat none           24 D + 16 + c (2 Q + 2 KV + 3 F + 2 D)
       each RMSNorm keeps its float32 input, x^2 and x/rms (3 x 4 D) and two (B,T,1) statistics;
       attention keeps q, k (after RoPE), v and its output (xla attention is itself rematerialized,
-      so no (B,N,T,S) probabilities are kept); SwiGLU keeps gate, up, three silu intermediates
-      and their product (6 F); the matmuls keep their inputs: the two normed activations (2 D),
-      or on CPU, where maxlm.matmul's custom VJP saves each matmul's input separately, 5 D
+      so no (B,N,T,S) probabilities are kept); SwiGLU keeps gate and up, and the down projection
+      its input (3 F); the q/k/v and gate/up projections keep their shared inputs, the two
+      normed activations (2 D; on CPU each group is one matmul, maxlm.matmul.project)
   remat full           c D                        the layer input; all else is recomputed
   remat minimal        c (2 D + Q + 2 KV + 2 F)   the weight matmuls' outputs (c D on CPU: its
                                                   custom-VJP matmuls are no dots to the policy)
   remat dots_saveable  minimal + 4 N S + c Q      also xla attention's float32 QK^T and its PV
 
 Remat none also keeps weight copies per layer: the compute-dtype cast of every block weight when
-it differs from the parameter dtype, or on CPU the reshaped attention weights. Outside the layers:
+it differs from the parameter dtype, or on CPU every block weight but down_proj's (the q/k/v and
+gate/up kernels side by side, o_proj's reshaped). Outside the layers:
 the final norm (12 D + 8), the fused head's d(hidden) (c D) and RoPE tables (4 H; 8 H without
 remat); with train.loss_chunk=0 the plain head also keeps its float32 (B,T,V) logits (4 V).
 Heads, kv heads, mlp and vocab divide by their tensor-parallel split, tokens by the data-parallel
@@ -193,8 +194,7 @@ def widths(cfg: Config, mesh: MeshShape) -> Widths:
 def layer_bytes(w: Widths, remat: str, c: int, cpu_layouts: bool, attention: str) -> float:
     """Bytes per token one decoder layer keeps for the backward pass (module docstring)."""
     if remat == "none":
-        inputs = 5 if cpu_layouts else 2
-        return 24 * w.d + 16 + c * (2 * w.q + 2 * w.kv + 6 * w.f + inputs * w.d)
+        return 24 * w.d + 16 + c * (2 * w.q + 2 * w.kv + 3 * w.f + 2 * w.d)
     if remat == "full":
         return c * w.d
     minimal = c * w.d if cpu_layouts else c * (2 * w.d + w.q + 2 * w.kv + 2 * w.f)
@@ -224,8 +224,9 @@ def weight_copies(cfg: Config, params: list[Param], ways: list[int], c: int, cpu
     total = 4.0 * m.d_model * (1 + (2 * m.num_layers if none else 0))
     for param, split in zip(params, ways, strict=True):
         matmul = param.path.startswith("layers.") and param.path.endswith("kernel")
-        if none and matmul and cpu and ".self_attn." in param.path:
-            total += param.size * p / split  # maxlm.matmul keeps the reshaped weight
+        if none and matmul and cpu and ".down_proj." not in param.path:
+            # maxlm.matmul keeps the weight reshaped to 2-D or concatenated (down_proj is as is)
+            total += param.size * p / split
         elif none and matmul and not cpu and p != c:
             total += param.size * c / split  # the einsum keeps the weight cast to compute dtype
     return total

@@ -95,6 +95,16 @@ class Linear(nnx.Module):
         )  # fmt: skip
 
 
+def project_together(x: jax.Array, *layers: Linear) -> list[jax.Array]:
+    """x (..., D) through several Linears that read it, each kernel (D, *out): on CPU as one
+    matmul (`maxlm.matmul.project`); in the layers' compute dtype."""
+    first = layers[0]
+    return matmul.project(
+        x.astype(first.dtype), [layer.kernel[...] for layer in layers], first.dtype,
+        cpu_layouts=first.cpu_layouts,
+    )  # fmt: skip
+
+
 # makes a Linear from its kernel shape and logical names (initializer and dtypes already bound)
 Dense = Callable[[tuple[int, ...], tuple[str, ...]], Linear]
 
@@ -253,10 +263,10 @@ class Attention(nnx.Module):
         self, x: jax.Array, sin: jax.Array, cos: jax.Array
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Queries (B,T,N,H) and keys (B,T,K,H) rotated by RoPE, values (B,T,K,H)."""
-        q = self.constrain(apply_rope(self.q_proj("BTD,DNH->BTNH", x), sin, cos), Q_HEADS)
-        k = self.constrain(apply_rope(self.k_proj("BSD,DKH->BSKH", x), sin, cos), KV_HEADS)
-        v = self.constrain(self.v_proj("BSD,DKH->BSKH", x), KV_HEADS)
-        return q, k, v
+        q, k, v = project_together(x, self.q_proj, self.k_proj, self.v_proj)
+        q = self.constrain(apply_rope(q, sin, cos), Q_HEADS)
+        k = self.constrain(apply_rope(k, sin, cos), KV_HEADS)
+        return q, k, self.constrain(v, KV_HEADS)
 
 
 class MLP(nnx.Module):
@@ -269,8 +279,33 @@ class MLP(nnx.Module):
         self.constrain = constrain
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = jax.nn.silu(self.gate_proj("BTD,DF->BTF", x)) * self.up_proj("BTD,DF->BTF", x)
+        h = swiglu(*project_together(x, self.gate_proj, self.up_proj))
         return self.down_proj("BTF,FD->BTD", self.constrain(h, MLP_HIDDEN))
+
+
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) * up. Its backward pass keeps only gate and up and recomputes the sigmoid;
+    autodiff would keep four tensors of this size per layer (benchmarks/NOTES.md, change 11)."""
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate: jax.Array, up: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(
+    residuals: tuple[jax.Array, jax.Array], grad: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    gate, up = residuals
+    sigmoid = jax.nn.sigmoid(gate)
+    grad_up = grad * gate * sigmoid
+    # d silu(g)/dg = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
+    grad_gate = grad * up * sigmoid * (1 + gate * (1 - sigmoid))
+    return grad_gate.astype(gate.dtype), grad_up.astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:

@@ -1,6 +1,11 @@
 """maxlm.matmul: the CPU-layout products equal plain einsums, values and gradients."""
 
+import contextlib
+import io
+import re
+
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -54,3 +59,66 @@ def test_einsum_refuses_other_shapes():
         matmul.einsum(
             "BD,BF->DF", jnp.ones((2, 3)), jnp.ones((2, 4)), jnp.float32, cpu_layouts=True
         )
+
+
+@pytest.mark.parametrize("cpu_layouts", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_project_equals_one_einsum_per_kernel(cpu_layouts, dtype):
+    """q/k/v-shaped kernels (D,N,H), (D,K,H), (D,K,H) and a 2-D one, values and gradients."""
+    keys = jax.random.split(jax.random.key(1), 5)
+    x = jax.random.normal(keys[0], (2, 3, 8)).astype(dtype)
+    kernels = [
+        jax.random.normal(keys[1], (8, 4, 5)),
+        jax.random.normal(keys[2], (8, 2, 5)),
+        jax.random.normal(keys[3], (8, 2, 5)),
+        jax.random.normal(keys[4], (8, 6)),
+    ]
+
+    def weighted(outputs):
+        return sum(
+            jnp.sum(y.astype(jnp.float32) * jnp.arange(y.size).reshape(y.shape) / y.size) * (i + 1)
+            for i, y in enumerate(outputs)
+        )
+
+    def separate(x, kernels):  # the reference, in float32
+        letters = ["BTD,DNH->BTNH", "BTD,DKH->BTKH", "BTD,DKH->BTKH", "BTD,DF->BTF"]
+        return weighted(
+            [jnp.einsum(s, x.astype(jnp.float32), k) for s, k in zip(letters, kernels, strict=True)]
+        )
+
+    def together(x, kernels):
+        outputs = matmul.project(x, kernels, dtype, cpu_layouts=cpu_layouts)
+        assert [y.shape for y in outputs] == [(2, 3, *k.shape[1:]) for k in kernels]
+        assert all(y.dtype == dtype for y in outputs)
+        return weighted(outputs)
+
+    want = jax.jit(jax.value_and_grad(separate, argnums=(0, 1)))(x, kernels)
+    got = jax.jit(jax.value_and_grad(together, argnums=(0, 1)))(x, kernels)
+    tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        e = np.asarray(e, np.float32)
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), e, rtol=tolerance, atol=tolerance * np.abs(e).max()
+        )
+    assert got[1][0].dtype == dtype and all(k.dtype == jnp.float32 for k in got[1][1])
+
+
+def test_project_is_one_matmul_that_keeps_x_once():
+    """With cpu_layouts the kernels share each dot of the backward pass (d x and d kernels: 2,
+    against 2 per kernel), and autodiff keeps one copy of x (not one per kernel)."""
+    x = jnp.ones((16, 8))
+    kernels = [jnp.ones((8, 4)), jnp.ones((8, 6)), jnp.ones((8, 2))]
+
+    def loss(x, kernels, cpu_layouts):
+        outputs = matmul.project(x, kernels, jnp.float32, cpu_layouts=cpu_layouts)
+        return sum(jnp.sum(y) for y in outputs)
+
+    for cpu_layouts, dots in ((True, 2), (False, 6)):
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+        hlo = grad.lower(x, kernels, cpu_layouts).compile().as_text()
+        assert len(re.findall(r" dot\(", hlo)) == dots, cpu_layouts
+    residuals = io.StringIO()
+    with contextlib.redirect_stdout(residuals):
+        jax.ad_checkpoint.print_saved_residuals(lambda x: loss(x, kernels, True), x)
+    kept = [line for line in residuals.getvalue().splitlines() if line.startswith("f32[16,8]")]
+    assert len(kept) == 1, residuals.getvalue()

@@ -1,6 +1,10 @@
 """LLaMA model: shapes, parameter tree, packing masks, RoPE, scan/remat equivalence, GQA, dtypes."""
 
+import contextlib
+import io
+
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,6 +23,7 @@ from maxlm.model import (
     compute_dtype,
     rope_frequencies,
     rope_sin_cos,
+    swiglu,
 )
 
 V, D, L, N, K, H, F = 64, 32, 2, 4, 2, 8, 48
@@ -380,3 +385,35 @@ def test_prefix_is_bidirectional_and_the_rest_causal():
     assert changed(3)[:3].all(), "the last prefix token is seen by the first ones"
     assert not changed(5)[:5].any(), "the suffix is not seen by the prefix or before it"
     assert changed(11)[10] and not changed(11)[:10].any(), "a prefix stays in its document"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_swiglu_backward_equals_autodiff_and_keeps_two_tensors(dtype):
+    keys = jax.random.split(jax.random.key(3), 3)
+    gate, up = (3 * jax.random.normal(k, (4, 5, 6)).astype(dtype) for k in keys[:2])
+    weights = jax.random.normal(keys[2], (4, 5, 6))
+
+    def loss(activation, gate, up):
+        return jnp.sum(activation(gate, up).astype(jnp.float32) * weights)
+
+    def plain(g, u):
+        return jax.nn.silu(g) * u
+
+    want = jax.value_and_grad(loss, argnums=(1, 2))(plain, gate, up)
+    got = jax.value_and_grad(loss, argnums=(1, 2))(swiglu, gate, up)
+    tolerance = 1e-6 if dtype == jnp.float32 else 2e-2
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.dtype == e.dtype
+        e = np.asarray(e, np.float32)
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), e, rtol=tolerance, atol=tolerance * np.abs(e).max()
+        )
+
+    def kept(activation):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            jax.ad_checkpoint.print_saved_residuals(lambda g, u: loss(activation, g, u), gate, up)
+        lines = out.getvalue().splitlines()
+        return len([line for line in lines if "[4,5,6]" in line and "constant" not in line])
+
+    assert kept(swiglu) == 2 < kept(plain)
