@@ -6,8 +6,9 @@ tests/test_estimate.py checks these formulas against them byte for byte, and the
 XLA). Bytes per token and layer, with D = d_model, Q = N*H (query heads x head size), KV = K*H,
 F = mlp_dim, S = seq_len, c = compute-dtype bytes:
 
-  remat none           24 D + 16 + c (2 Q + 2 KV + 3 F + 2 D)
-      each RMSNorm keeps its float32 input, x^2 and x/rms (3 x 4 D) and two (B,T,1) statistics;
+  remat none           8 + c (2 Q + 2 KV + 3 F + 4 D)
+      each RMSNorm keeps its input (c D) and its float32 (B,T,1) inverse rms (its own backward
+      pass recomputes the rest);
       attention keeps q, k (after RoPE), v and its output (xla attention is itself rematerialized,
       so no (B,N,T,S) probabilities are kept); SwiGLU keeps gate and up, and the down projection
       its input (3 F); the q/k/v and gate/up projections keep their shared inputs, the two
@@ -20,7 +21,7 @@ F = mlp_dim, S = seq_len, c = compute-dtype bytes:
 Remat none also keeps weight copies per layer: the compute-dtype cast of every block weight when
 it differs from the parameter dtype, or on CPU every block weight but down_proj's (the q/k/v and
 gate/up kernels side by side, o_proj's reshaped). Outside the layers:
-the final norm (12 D + 8), the fused head's d(hidden) (c D) and RoPE tables (4 H; 8 H without
+the final norm (c D + 4), the fused head's d(hidden) (c D) and RoPE tables (4 H; 8 H without
 remat); with train.loss_chunk=0 the plain head also keeps its float32 (B,T,V) logits (4 V).
 Heads, kv heads, mlp and vocab divide by their tensor-parallel split, tokens by the data-parallel
 split (mesh.rules act_*). XLA:CPU computes bf16 in float32 and converts the kept activations
@@ -194,7 +195,7 @@ def widths(cfg: Config, mesh: MeshShape) -> Widths:
 def layer_bytes(w: Widths, remat: str, c: int, cpu_layouts: bool, attention: str) -> float:
     """Bytes per token one decoder layer keeps for the backward pass (module docstring)."""
     if remat == "none":
-        return 24 * w.d + 16 + c * (2 * w.q + 2 * w.kv + 3 * w.f + 2 * w.d)
+        return 8 + c * (2 * w.q + 2 * w.kv + 3 * w.f + 4 * w.d)
     if remat == "full":
         return c * w.d
     minimal = c * w.d if cpu_layouts else c * (2 * w.d + w.q + 2 * w.kv + 2 * w.f)
@@ -212,16 +213,15 @@ def outside_layers_bytes(w: Widths, remat: str, c: int, loss_chunk: int) -> floa
     layer scan); a plain head (no loss_chunk) also keeps its float32 (B,T,V) logits."""
     head = c * w.d + (0 if loss_chunk else 4 * w.vocab)
     rope = (8 if remat == "none" else 4) * w.head_dim
-    return 12 * w.d + 8 + head + rope
+    return c * w.d + 4 + head + rope
 
 
 def weight_copies(cfg: Config, params: list[Param], ways: list[int], c: int, cpu: bool) -> float:
-    """Bytes per device of the weight copies kept for the backward pass (module docstring), and
-    the float32 broadcast of each norm scale (the final norm's, and every layer's without remat)."""
+    """Bytes per device of the weight copies kept for the backward pass (module docstring)."""
     m = cfg.model
     p = DTYPE_BYTES[m.param_dtype]
     none = m.remat == "none"
-    total = 4.0 * m.d_model * (1 + (2 * m.num_layers if none else 0))
+    total = 0.0
     for param, split in zip(params, ways, strict=True):
         matmul = param.path.startswith("layers.") and param.path.endswith("kernel")
         if none and matmul and cpu and ".down_proj." not in param.path:

@@ -150,9 +150,48 @@ class RMSNorm(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(jnp.float32)
-        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-        return (x * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+        return rms_norm(x, self.scale[...], self.eps, self.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype: DTypeLike) -> jax.Array:
+    """x / rms(x) * scale over the last axis, in float32, cast to `dtype`. Its backward pass
+    keeps x and the inverse rms (B,T,1); autodiff would keep float32 x, x^2 and x/rms as well
+    (benchmarks/NOTES.md, change 13)."""
+    return _rms_norm_fwd(x, scale, eps, dtype)[0]
+
+
+def _inverse_rms(x: jax.Array, eps: float) -> jax.Array:
+    return jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+def _rms_norm_fwd(
+    x: jax.Array, scale: jax.Array, eps: float, dtype: DTypeLike
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    inverse = _inverse_rms(x.astype(jnp.float32), eps)
+    out = (x.astype(jnp.float32) * inverse * scale.astype(jnp.float32)).astype(dtype)
+    return out, (x, scale, inverse)
+
+
+def _rms_norm_bwd(
+    eps: float,
+    dtype: DTypeLike,
+    residuals: tuple[jax.Array, jax.Array, jax.Array],
+    grad: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    x, scale, inverse = residuals
+    normed = x.astype(jnp.float32) * inverse
+    grad = grad.astype(jnp.float32)
+    grad_scale = jnp.sum(grad * normed, axis=tuple(range(x.ndim - 1)))
+    grad_normed = grad * scale.astype(jnp.float32)
+    # d(x r)/dx with r = rsqrt(mean(x^2) + eps): r (g - x r mean(g x r))
+    grad_x = inverse * (
+        grad_normed - normed * jnp.mean(grad_normed * normed, axis=-1, keepdims=True)
+    )
+    return grad_x.astype(x.dtype), grad_scale.astype(scale.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 def rope_frequencies(

@@ -367,7 +367,7 @@ def test_activations_within_a_quarter_of_xla(overrides):
     temporaries = compiled_temporaries(cfg)
     usage = memory.per_device(cfg, cfg.mesh.shape, "cpu")
     assert usage.rows == 8
-    assert usage.saved > 0.1 * temporaries  # activations matter, for both policies
+    assert usage.saved > 0.05 * temporaries  # activations matter, for both policies
     assert usage.gradients + usage.activations == pytest.approx(temporaries, rel=0.25)
     assert usage.activations == pytest.approx(temporaries - usage.gradients, rel=0.25)
 

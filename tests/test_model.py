@@ -21,6 +21,7 @@ from maxlm.model import (
     Llama,
     apply_rope,
     compute_dtype,
+    rms_norm,
     rope_frequencies,
     rope_sin_cos,
     swiglu,
@@ -417,3 +418,42 @@ def test_swiglu_backward_equals_autodiff_and_keeps_two_tensors(dtype):
         return len([line for line in lines if "[4,5,6]" in line and "constant" not in line])
 
     assert kept(swiglu) == 2 < kept(plain)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rms_norm_backward_equals_autodiff_and_keeps_input_and_statistic(dtype):
+    keys = jax.random.split(jax.random.key(4), 3)
+    x = (2 * jax.random.normal(keys[0], (3, 5, 16))).astype(dtype)
+    scale = 1 + 0.1 * jax.random.normal(keys[1], (16,))
+    weights = jax.random.normal(keys[2], (3, 5, 16))
+
+    def plain(x, scale, eps, dtype):
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+        return (x * scale.astype(jnp.float32)).astype(dtype)
+
+    def loss(norm, x, scale):
+        return jnp.sum(norm(x, scale, 1e-5, dtype).astype(jnp.float32) * weights)
+
+    want = jax.value_and_grad(loss, argnums=(1, 2))(plain, x, scale)
+    got = jax.value_and_grad(loss, argnums=(1, 2))(rms_norm, x, scale)
+    tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.dtype == e.dtype
+        e = np.asarray(e, np.float32)
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), e, rtol=tolerance, atol=tolerance * np.abs(e).max()
+        )
+
+    def kept(norm):
+        """(B,T,...) residuals other than the loss's own weights: x and what derives from it."""
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            jax.ad_checkpoint.print_saved_residuals(lambda x: loss(norm, x, scale), x)
+        lines = [line for line in out.getvalue().splitlines() if "constant" not in line]
+        shapes = [line.split(" ")[0] for line in lines]
+        return sorted(shape for shape in shapes if shape.split("[")[1].startswith("3,5,"))
+
+    x_type = "f32" if dtype == jnp.float32 else "bf16"
+    assert kept(rms_norm) == sorted([f"{x_type}[3,5,16]", "f32[3,5,1]"])
+    assert len(kept(plain)) > 2
