@@ -29,7 +29,8 @@ before the backward loop, so on CPU they count 4 bytes whatever c.
 
 The peak adds the larger working set: the fused head loss (one chunk's float32 logits and
 probabilities, 8 V per row and position of the chunk, and the float32 d(head) accumulator) or
-one layer's backward: what the policy recomputes (none minus kept), xla attention's (B,N,T,S)
+one layer's backward: what the policy recomputes (none minus kept), the float32 intermediates
+the norms' and SwiGLU's own backward passes rebuild (24 D + 8 + 3 c F), xla attention's (B,N,T,S)
 logits, probabilities and their gradients in float32 (16 N S per token; XLA:TPU fuses some of
 them, so there it is an upper bound), and with FSDP two layers' gathered weights. Dropout masks,
 collective buffers and heap fragmentation are not counted.
@@ -303,12 +304,15 @@ def _head_working(cfg: Config, w: Widths, rows: float, c: int) -> float:
 
 
 def _layer_working(cfg: Config, w: Widths, tokens: float, kept: int, cpu: bool) -> float:
-    """One layer's backward: what the policy recomputes, and xla attention's (B,N,T,S) arrays."""
+    """One layer's backward: what the policy recomputes, the float32 intermediates the norms' and
+    SwiGLU's own backward passes rebuild (each norm's x, x/rms and gradient: 3 x 4 D, and SwiGLU's
+    sigmoid, silu and product: 3 F), and xla attention's (B,N,T,S) arrays."""
     m = cfg.model
     recomputed = layer_bytes(w, "none", kept, cpu, m.attention)
     recomputed -= layer_bytes(w, m.remat, kept, cpu, m.attention)
+    rebuilt = 24 * w.d + 8 + 3 * kept * w.f
     attention = 16 * w.heads * w.seq if m.attention == "xla" else 0
-    return tokens * (recomputed + attention)
+    return tokens * (recomputed + rebuilt + attention)
 
 
 def _gathered_layer_weights(
