@@ -8,8 +8,9 @@ transposed (a strided copy as large as the activations). `matmul` computes the s
 with its own backward pass: the transposed activation and weight are materialized explicitly
 (kept from being folded back into the dot by an optimization barrier, or for bfloat16 saved
 transposed by the forward pass), every dot accumulates in float32, and results are cast
-afterwards (measurements: benchmarks/NOTES.md). Other platforms use plain dots: their compilers
-choose layouts well, and a barrier would only cost a copy.
+afterwards (measurements: benchmarks/NOTES.md). `project` runs projections that share an input
+(q/k/v, gate/up) as one such product, so the input is kept and transposed once. Other platforms
+use plain dots: their compilers choose layouts well, and a barrier would only cost a copy.
 """
 
 from __future__ import annotations
