@@ -162,16 +162,18 @@ def _update(
     rule's `extra` arguments: Sophia's Hessian estimate), and report."""
     tokens = jnp.maximum(total.sums.tokens, 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / tokens, total.grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **(extra or {}))
-    params = optax.apply_updates(state.params, updates)
     loss, grad_norm = total.sums.cross_entropy / tokens, optax.tree.norm(grads)
     # a non-finite step changes nothing (the step count moves on: the batch was consumed)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    params, opt_state = jax.tree.map(
-        lambda new, old: jnp.where(finite, new, old),
-        (params, opt_state),
-        (state.params, state.opt_state),
-    )
+
+    def apply() -> tuple[Any, Any]:
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **(extra or {}))
+        return optax.apply_updates(state.params, updates), opt_state
+
+    # a branch, not a select of new and old: with the select XLA copied the whole optimizer
+    # state every step, its donated buffers being read again after the update overwrote them
+    # (benchmarks/NOTES.md, change 14)
+    params, opt_state = jax.lax.cond(finite, apply, lambda: (state.params, state.opt_state))
     metrics = {
         "loss": loss,
         "z_loss": total.sums.z_loss / tokens,

@@ -358,8 +358,8 @@ def compiled_temporaries(cfg: Config) -> int:
 def test_activations_within_a_quarter_of_xla(overrides):
     """Gradients and activations (saved + peak working set) against the compiled step's
     temporaries on CPU (d_model 256, 4 layers, seq 256, 8 rows per device). XLA:CPU's
-    temporaries are exactly those: the state is an argument, and the copy of the optimizer state
-    it keeps for the non-finite-step select sits in the donated optimizer-state buffers' room.
+    temporaries are exactly those: the state is an argument, and the update writes into its
+    donated buffers.
     If this fails after a model change, re-derive maxlm.memory's formulas (docs/estimate.md)."""
     cfg = load(
         None, ["model.preset=tiny", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", *overrides]
