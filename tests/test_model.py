@@ -388,6 +388,25 @@ def test_prefix_is_bidirectional_and_the_rest_causal():
     assert changed(11)[10] and not changed(11)[:10].any(), "a prefix stays in its document"
 
 
+def assert_close_to_autodiff(got, want, tolerance: float) -> None:
+    """Values and gradients, dtypes equal, within `tolerance` of the reference's largest value."""
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.dtype == e.dtype
+        e = np.asarray(e, np.float32)
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), e, rtol=tolerance, atol=tolerance * np.abs(e).max()
+        )
+
+
+def saved_residuals(fn, *args) -> list[str]:
+    """Types (e.g. "f32[3,5,1]") of what autodiff keeps for fn's backward pass, constants aside."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        jax.ad_checkpoint.print_saved_residuals(fn, *args)
+    lines = [line for line in out.getvalue().splitlines() if "constant" not in line]
+    return sorted(line.split(" ")[0] for line in lines)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_swiglu_backward_equals_autodiff_and_keeps_two_tensors(dtype):
     keys = jax.random.split(jax.random.key(3), 3)
@@ -402,20 +421,11 @@ def test_swiglu_backward_equals_autodiff_and_keeps_two_tensors(dtype):
 
     want = jax.value_and_grad(loss, argnums=(1, 2))(plain, gate, up)
     got = jax.value_and_grad(loss, argnums=(1, 2))(swiglu, gate, up)
-    tolerance = 1e-6 if dtype == jnp.float32 else 2e-2
-    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        assert g.dtype == e.dtype
-        e = np.asarray(e, np.float32)
-        np.testing.assert_allclose(
-            np.asarray(g, np.float32), e, rtol=tolerance, atol=tolerance * np.abs(e).max()
-        )
+    assert_close_to_autodiff(got, want, 1e-6 if dtype == jnp.float32 else 2e-2)
 
     def kept(activation):
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            jax.ad_checkpoint.print_saved_residuals(lambda g, u: loss(activation, g, u), gate, up)
-        lines = out.getvalue().splitlines()
-        return len([line for line in lines if "[4,5,6]" in line and "constant" not in line])
+        kept = saved_residuals(lambda g, u: loss(activation, g, u), gate, up)
+        return len([shape for shape in kept if shape.endswith("[4,5,6]")])
 
     assert kept(swiglu) == 2 < kept(plain)
 
@@ -437,22 +447,12 @@ def test_rms_norm_backward_equals_autodiff_and_keeps_input_and_statistic(dtype):
 
     want = jax.value_and_grad(loss, argnums=(1, 2))(plain, x, scale)
     got = jax.value_and_grad(loss, argnums=(1, 2))(rms_norm, x, scale)
-    tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
-    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        assert g.dtype == e.dtype
-        e = np.asarray(e, np.float32)
-        np.testing.assert_allclose(
-            np.asarray(g, np.float32), e, rtol=tolerance, atol=tolerance * np.abs(e).max()
-        )
+    assert_close_to_autodiff(got, want, 1e-5 if dtype == jnp.float32 else 2e-2)
 
     def kept(norm):
-        """(B,T,...) residuals other than the loss's own weights: x and what derives from it."""
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            jax.ad_checkpoint.print_saved_residuals(lambda x: loss(norm, x, scale), x)
-        lines = [line for line in out.getvalue().splitlines() if "constant" not in line]
-        shapes = [line.split(" ")[0] for line in lines]
-        return sorted(shape for shape in shapes if shape.split("[")[1].startswith("3,5,"))
+        """(B,T,...) residuals: x and what derives from it."""
+        kept = saved_residuals(lambda x: loss(norm, x, scale), x)
+        return [shape for shape in kept if shape.split("[")[1].startswith("3,5,")]
 
     x_type = "f32" if dtype == jnp.float32 else "bf16"
     assert kept(rms_norm) == sorted([f"{x_type}[3,5,16]", "f32[3,5,1]"])
