@@ -206,6 +206,11 @@ class ModelConfig(Section):
         "Activation recomputation: none, full, dots_saveable (keep all matmul outputs), "
         "minimal (keep matmul outputs without batch dims, i.e. weight matmuls).",
     )
+    cpu_matmul: Literal["auto", "mkl", "xla"] = _field(
+        "auto",
+        "float32 matmuls on a one-device CPU mesh: mkl (Intel MKL, the mkl extra; faster), xla "
+        "(XLA:CPU's own), auto = mkl where installed (README, Throughput on this CPU).",
+    )
     attention: Literal["xla", "cudnn", "splash"] = _field(
         "xla",
         "Attention kernel: xla (any backend), cudnn (NVIDIA GPU flash attention; bf16/fp16), "

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from maxlm.matmul import transposed
+from maxlm import mkl
+from maxlm.matmul import Gemm, transposed
 
 
 class LossSums(NamedTuple):
@@ -64,7 +65,7 @@ def head_loss(
     vocab_axis: int,
     z_loss_weight: float,
     chunk: int,
-    cpu_layouts: bool = False,
+    gemm: Gemm = "dot",
 ) -> tuple[jax.Array, LossSums]:
     """The output head and the loss fused, `chunk` positions of the sequence at a time.
 
@@ -74,7 +75,8 @@ def head_loss(
     logits never exist at once: each chunk's logits feed the loss and, when differentiated,
     their gradient is turned at once into the chunk's share of d(hidden) and d(head), so the
     backward pass reads no logits at all. Only the objective carries gradients; the sums are
-    metrics. `cpu_layouts`: materialize the transposed activations of d(head) (`maxlm.matmul`).
+    metrics. `gemm` (`maxlm.matmul.Gemm`): "cpu" materializes the transposed activations of
+    d(head), "mkl" runs float32 products by MKL.
     """
     batch, length = hidden.shape[:2]
     if length % chunk:
@@ -90,12 +92,28 @@ def head_loss(
 
     xs = (chunked(hidden), chunked(targets), chunked(real))
 
+    def by_mkl(x: jax.Array) -> bool:
+        return gemm == "mkl" and x.dtype == jnp.float32
+
     def logits_of(x: jax.Array, w: jax.Array) -> jax.Array:
+        if by_mkl(x):
+            rows = mkl.gemm(x.reshape(-1, x.shape[-1]), w, transpose_b=vocab_axis == 0)
+            return rows.reshape(*x.shape[:-1], -1)
         return head_logits(x, w, vocab_axis)
+
+    def hidden_grad(grad: jax.Array, w: jax.Array) -> jax.Array:
+        """d(x) of one chunk, float32 (B,C,D): grad (B,C,V) back through the head."""
+        if by_mkl(grad):
+            rows = mkl.gemm(grad.reshape(-1, grad.shape[-1]), w, transpose_b=vocab_axis == 1)
+            return rows.reshape(*grad.shape[:-1], -1)
+        spec = "BCV,DV->BCD" if vocab_axis == 1 else "BCV,VD->BCD"
+        return jnp.einsum(spec, grad, w.astype(grad.dtype), preferred_element_type=jnp.float32)
 
     def head_grad(x: jax.Array, grad: jax.Array) -> jax.Array:
         """d(head) of one chunk, (D,V) whatever the head's layout: x (M,D), grad (M,V)."""
-        if cpu_layouts:
+        if by_mkl(x):
+            return mkl.gemm(x, grad, transpose_a=True)
+        if gemm == "cpu":
             return jnp.matmul(transposed(x), grad, preferred_element_type=jnp.float32)
         return jnp.einsum("MD,MV->DV", x, grad, preferred_element_type=jnp.float32)
 
@@ -122,10 +140,7 @@ def head_loss(
             onehot = jnp.arange(logits.shape[-1]) == target[..., None]
             grad = probs * (1 + 2 * z_loss_weight * log_z)[..., None] - onehot
             grad = jnp.where(mask[..., None], grad, 0.0).astype(x.dtype)
-            grad_x = jnp.einsum(
-                "BCV,DV->BCD" if vocab_axis == 1 else "BCV,VD->BCD",
-                grad, w.astype(x.dtype), preferred_element_type=jnp.float32,
-            )  # fmt: skip
+            grad_x = hidden_grad(grad, w)
             rows = x.shape[0] * x.shape[1]
             grad_w = grad_w + head_grad(x.reshape(rows, -1), grad.reshape(rows, -1))
             return (grad_w, ce_sum + cross_entropy, z_sum + z_loss), grad_x.astype(x.dtype)

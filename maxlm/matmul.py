@@ -9,20 +9,49 @@ with its own backward pass: the transposed activation and weight are materialize
 (kept from being folded back into the dot by an optimization barrier, or for bfloat16 saved
 transposed by the forward pass), every dot accumulates in float32, and results are cast
 afterwards (measurements: benchmarks/NOTES.md). `project` runs projections that share an input
-(q/k/v, gate/up) as one such product, so the input is kept and transposed once. Other platforms
-use plain dots: their compilers choose layouts well, and a barrier would only cost a copy.
+(q/k/v, gate/up) as one such product, so the input is kept and transposed once. Where Intel MKL
+is installed, float32 products on a one-device CPU mesh go to MKL instead (`maxlm.mkl`), which
+takes transposed operands as they are. Other platforms use plain dots: their compilers choose
+layouts well, and a barrier would only cost a copy.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
+
+from maxlm import mkl
+from maxlm.config import ConfigError
+
+# How products are computed: "dot" plain dots (TPU/GPU), "cpu" XLA:CPU dots with the layouts
+# described above, "mkl" float32 products by MKL and other dtypes as "cpu".
+Gemm = Literal["dot", "cpu", "mkl"]
+
+
+def choose_gemm(platform: str, devices: int, requested: Literal["auto", "mkl", "xla"]) -> Gemm:
+    """The products' route for a model on `devices` devices of `platform`; `requested` is
+    `model.cpu_matmul`. MKL's custom call is not partitioned by XLA, so it takes one device."""
+    if platform != "cpu":
+        return "dot"
+    if requested == "xla":
+        return "cpu"
+    reason = mkl.unavailable_reason()
+    if reason is None and devices > 1:
+        reason = f"the mesh has {devices} devices; MKL's products run on one"
+    if reason is None:
+        return "mkl"
+    if requested == "mkl":
+        raise ConfigError(f"model.cpu_matmul: mkl: {reason}")
+    logging.getLogger(__name__).info("float32 products by XLA:CPU, not MKL: %s", reason)
+    return "cpu"
 
 
 def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -63,13 +92,41 @@ def _matmul_bwd(
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def einsum(
-    spec: str, x: jax.Array, w: jax.Array, out_dtype: DTypeLike, *, cpu_layouts: bool
-) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def mkl_matmul(x: jax.Array, w: jax.Array, out_dtype: DTypeLike) -> jax.Array:
+    """`matmul` of float32 x and w by MKL; the backward pass reads x and w untransposed."""
+    return mkl.gemm(x, w.astype(jnp.float32)).astype(out_dtype)
+
+
+def _mkl_matmul_fwd(
+    x: jax.Array, w: jax.Array, out_dtype: DTypeLike
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return mkl_matmul(x, w, out_dtype), (x, w)
+
+
+def _mkl_matmul_bwd(
+    out_dtype: DTypeLike, residuals: tuple[jax.Array, jax.Array], grad: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    x, w = residuals
+    grad = grad.astype(jnp.float32)
+    grad_x = mkl.gemm(grad, w.astype(jnp.float32), transpose_b=True)
+    return grad_x, mkl.gemm(x, grad, transpose_a=True).astype(w.dtype)
+
+
+mkl_matmul.defvjp(_mkl_matmul_fwd, _mkl_matmul_bwd)
+
+
+def _product(x: jax.Array, w: jax.Array, out_dtype: DTypeLike, gemm: Gemm) -> jax.Array:
+    if gemm == "mkl" and x.dtype == jnp.float32:
+        return mkl_matmul(x, w, out_dtype)
+    return matmul(x, w, out_dtype)
+
+
+def einsum(spec: str, x: jax.Array, w: jax.Array, out_dtype: DTypeLike, *, gemm: Gemm) -> jax.Array:
     """jnp.einsum(spec, x, w) for a layer: x's trailing letters are contracted with w's
     leading ones and the result is x's other letters then w's (e.g. "BTD,DNH->BTNH").
-    With `cpu_layouts`, it runs as one 2-D `matmul`; otherwise as a plain einsum."""
-    if not cpu_layouts:
+    On CPU (`gemm` "cpu" or "mkl") it runs as one 2-D product; otherwise as a plain einsum."""
+    if gemm == "dot":
         return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=out_dtype)
     inputs, out = spec.split("->")
     x_letters, w_letters = inputs.split(",")
@@ -80,24 +137,24 @@ def einsum(
     ):
         raise ValueError(f"einsum {spec!r} is not of the form ...K,KN->...N")
     x2 = x.reshape(-1, math.prod(w.shape[:contracted]))
-    y2 = matmul(x2, w.reshape(x2.shape[1], -1), out_dtype)
+    y2 = _product(x2, w.reshape(x2.shape[1], -1), out_dtype, gemm)
     return y2.reshape(*x.shape[: x.ndim - contracted], *w.shape[contracted:])
 
 
 def project(
-    x: jax.Array, kernels: Sequence[jax.Array], out_dtype: DTypeLike, *, cpu_layouts: bool
+    x: jax.Array, kernels: Sequence[jax.Array], out_dtype: DTypeLike, *, gemm: Gemm
 ) -> list[jax.Array]:
     """x (..., K) times each kernel (K, *out_i) -> (..., *out_i), as `einsum` would compute them
-    one by one. With `cpu_layouts` they run as one `matmul` against the kernels side by side:
-    x is saved for the backward pass and transposed there once instead of once per kernel, and
-    its gradient is one dot."""
-    if not cpu_layouts:
+    one by one. On CPU they run as one product against the kernels side by side: x is saved for
+    the backward pass (and transposed there) once instead of once per kernel, and its gradient
+    is one dot."""
+    if gemm == "dot":
         return [
             jnp.tensordot(x, kernel.astype(x.dtype), axes=1, preferred_element_type=out_dtype)
             for kernel in kernels
         ]
     columns = [kernel.reshape(kernel.shape[0], -1) for kernel in kernels]
-    y = matmul(x.reshape(-1, x.shape[-1]), jnp.concatenate(columns, axis=1), out_dtype)
+    y = _product(x.reshape(-1, x.shape[-1]), jnp.concatenate(columns, axis=1), out_dtype, gemm)
     ends = tuple(itertools.accumulate(c.shape[1] for c in columns))
     return [
         part.reshape(*x.shape[:-1], *kernel.shape[1:])

@@ -28,7 +28,7 @@ from jax.typing import DTypeLike
 
 from maxlm import attention, matmul
 from maxlm.config import ModelConfig
-from maxlm.sharding import target_platform
+from maxlm.sharding import target_devices, target_platform
 
 Constrain = Callable[[jax.Array, tuple[str | None, ...]], jax.Array]
 
@@ -78,20 +78,20 @@ class Linear(nnx.Module):
         init_std: float,
         param_dtype: jnp.dtype,
         dtype: jnp.dtype,
-        cpu_layouts: bool,
+        gemm: matmul.Gemm,
         rngs: nnx.Rngs,
     ):
         init = jax.nn.initializers.normal(init_std)
         self.kernel = _param(init(rngs.params(), shape, param_dtype), names)
         self.dtype = dtype
-        self.cpu_layouts = cpu_layouts
+        self.gemm = gemm
 
     def __call__(self, spec: str, x: jax.Array, out_dtype: DTypeLike | None = None) -> jax.Array:
         """`spec` contracts x's trailing axes with the kernel's leading ones (see
         `maxlm.matmul.einsum`); the result is in `out_dtype`, default the compute dtype."""
         return matmul.einsum(
             spec, x.astype(self.dtype), self.kernel[...], out_dtype or self.dtype,
-            cpu_layouts=self.cpu_layouts,
+            gemm=self.gemm,
         )  # fmt: skip
 
 
@@ -101,7 +101,7 @@ def project_together(x: jax.Array, *layers: Linear) -> list[jax.Array]:
     first = layers[0]
     return matmul.project(
         x.astype(first.dtype), [layer.kernel[...] for layer in layers], first.dtype,
-        cpu_layouts=first.cpu_layouts,
+        gemm=first.gemm,
     )  # fmt: skip
 
 
@@ -372,12 +372,12 @@ class DecoderLayer(nnx.Module):
         init_std: float,
         param_dtype: jnp.dtype,
         dtype: jnp.dtype,
+        gemm: matmul.Gemm,
         rngs: nnx.Rngs,
     ):
         dense = functools.partial(
-            Linear, init_std=init_std, param_dtype=param_dtype, dtype=dtype,
-            cpu_layouts=target_platform(constrain) == "cpu", rngs=rngs,
-        )  # fmt: skip
+            Linear, init_std=init_std, param_dtype=param_dtype, dtype=dtype, gemm=gemm, rngs=rngs
+        )
         norm = functools.partial(
             RMSNorm, d_model, eps=norm_eps, param_dtype=param_dtype, dtype=dtype
         )
@@ -459,6 +459,10 @@ class Llama(nnx.Module):
         dtype = compute_dtype(cfg.dtype)
         param_dtype = jnp.dtype(cfg.param_dtype)
         init_std = cfg.init_std
+        # XLA:CPU wants explicit transposes in the backward pass, or MKL (see maxlm.matmul)
+        self.gemm = matmul.choose_gemm(
+            target_platform(self.constrain), target_devices(self.constrain), cfg.cpu_matmul
+        )
         self.embed_tokens = Embed(
             cfg.vocab_size, cfg.d_model, init_std=init_std, param_dtype=param_dtype, dtype=dtype,
             constrain=self.constrain, rngs=rngs,
@@ -471,16 +475,14 @@ class Llama(nnx.Module):
                 cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.mlp_dim,
                 norm_eps=cfg.norm_eps, dropout=cfg.dropout, attention=cfg.attention,
                 constrain=self.constrain, init_std=init_std, param_dtype=param_dtype,
-                dtype=dtype, rngs=rngs,
+                dtype=dtype, gemm=self.gemm, rngs=rngs,
             )  # fmt: skip
 
         self.layers = stacked_layers(rngs)
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype, dtype=dtype)
-        # XLA:CPU wants explicit transposes in the backward pass (see maxlm.matmul)
-        self.cpu_layouts = target_platform(self.constrain) == "cpu"
         head = functools.partial(
-            Linear, init_std=init_std, param_dtype=param_dtype, dtype=dtype,
-            cpu_layouts=self.cpu_layouts, rngs=rngs,
+            Linear, init_std=init_std, param_dtype=param_dtype, dtype=dtype, gemm=self.gemm,
+            rngs=rngs,
         )  # fmt: skip
         self.lm_head = (
             None if cfg.tie_embeddings else head((cfg.d_model, cfg.vocab_size), ("embed", "vocab"))

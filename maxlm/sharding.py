@@ -132,3 +132,11 @@ def target_platform(constrain: object) -> str:
     if isinstance(constrain, ActivationSharding):
         return str(constrain.mesh.devices.flat[0].platform)
     return jax.default_backend()
+
+
+def target_devices(constrain: object) -> int:
+    """How many devices a model built with this `constrain` callback runs on (one without a
+    mesh: its arrays then live on the default device)."""
+    if isinstance(constrain, ActivationSharding):
+        return int(constrain.mesh.devices.size)
+    return 1

@@ -56,7 +56,7 @@ def _forward(
         return head_loss(
             model.hidden(*inputs, **options), head, targets, segment_ids, loss_mask,
             vocab_axis=vocab_axis, z_loss_weight=z_loss_weight, chunk=loss_chunk,
-            cpu_layouts=model.cpu_layouts,
+            gemm=model.gemm,
         )  # fmt: skip
     sums = loss_sums(model(*inputs, **options), targets, segment_ids, loss_mask)
     return sums.cross_entropy + z_loss_weight * sums.z_loss, sums

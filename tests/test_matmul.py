@@ -1,6 +1,7 @@
-"""maxlm.matmul: the CPU-layout products equal plain einsums, values and gradients."""
+"""maxlm.matmul: the CPU-layout and MKL products equal plain einsums, values and gradients."""
 
 import contextlib
+import functools
 import io
 import re
 
@@ -21,19 +22,20 @@ SPECS = {
 
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_einsum_with_cpu_layouts_equals_einsum(spec, dtype):
+@pytest.mark.parametrize("gemm", ["cpu", "mkl"])
+def test_cpu_einsum_equals_einsum(spec, dtype, gemm):
     x_shape, w_shape = SPECS[spec]
     keys = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(keys[0], x_shape).astype(dtype)
     w = jax.random.normal(keys[1], w_shape)  # float32 parameters, compute in x's dtype
 
-    def loss(x, w, cpu_layouts):
-        y = matmul.einsum(spec, x, w, dtype, cpu_layouts=cpu_layouts)
+    def loss(x, w, gemm):
+        y = matmul.einsum(spec, x, w, dtype, gemm=gemm)
         assert y.dtype == dtype
         return jnp.sum(y.astype(jnp.float32) * jnp.arange(y.size).reshape(y.shape) / y.size)
 
-    want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)(x, w, False)
-    got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)(x, w, True)
+    want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)(x, w, "dot")
+    got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)(x, w, gemm)
     tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
     for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert g.dtype == e.dtype
@@ -48,7 +50,7 @@ def test_cpu_layouts_reach_ynnpack_for_the_weight_gradient():
     x, w = jnp.ones((64, 32)), jnp.ones((32, 48))
 
     def loss(x, w):
-        return jnp.sum(matmul.einsum("MK,KN->MN", x, w, jnp.float32, cpu_layouts=True))
+        return jnp.sum(matmul.einsum("MK,KN->MN", x, w, jnp.float32, gemm="cpu"))
 
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
     assert "lhs_contracting_dims={0}" not in hlo
@@ -56,14 +58,12 @@ def test_cpu_layouts_reach_ynnpack_for_the_weight_gradient():
 
 def test_einsum_refuses_other_shapes():
     with pytest.raises(ValueError, match="not of the form"):
-        matmul.einsum(
-            "BD,BF->DF", jnp.ones((2, 3)), jnp.ones((2, 4)), jnp.float32, cpu_layouts=True
-        )
+        matmul.einsum("BD,BF->DF", jnp.ones((2, 3)), jnp.ones((2, 4)), jnp.float32, gemm="cpu")
 
 
-@pytest.mark.parametrize("cpu_layouts", [True, False])
+@pytest.mark.parametrize("gemm", ["cpu", "mkl", "dot"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_project_equals_one_einsum_per_kernel(cpu_layouts, dtype):
+def test_project_equals_one_einsum_per_kernel(gemm, dtype):
     """q/k/v-shaped kernels (D,N,H), (D,K,H), (D,K,H) and a 2-D one, values and gradients."""
     keys = jax.random.split(jax.random.key(1), 5)
     x = jax.random.normal(keys[0], (2, 3, 8)).astype(dtype)
@@ -87,7 +87,7 @@ def test_project_equals_one_einsum_per_kernel(cpu_layouts, dtype):
         )
 
     def together(x, kernels):
-        outputs = matmul.project(x, kernels, dtype, cpu_layouts=cpu_layouts)
+        outputs = matmul.project(x, kernels, dtype, gemm=gemm)
         assert [y.shape for y in outputs] == [(2, 3, *k.shape[1:]) for k in kernels]
         assert all(y.dtype == dtype for y in outputs)
         return weighted(outputs)
@@ -104,21 +104,24 @@ def test_project_equals_one_einsum_per_kernel(cpu_layouts, dtype):
 
 
 def test_project_is_one_matmul_that_keeps_x_once():
-    """With cpu_layouts the kernels share each dot of the backward pass (d x and d kernels: 2,
+    """On CPU the kernels share each product of the backward pass (d x and d kernels: 2,
     against 2 per kernel), and autodiff keeps one copy of x (not one per kernel)."""
     x = jnp.ones((16, 8))
     kernels = [jnp.ones((8, 4)), jnp.ones((8, 6)), jnp.ones((8, 2))]
 
-    def loss(x, kernels, cpu_layouts):
-        outputs = matmul.project(x, kernels, jnp.float32, cpu_layouts=cpu_layouts)
+    def loss(x, kernels, gemm):
+        outputs = matmul.project(x, kernels, jnp.float32, gemm=gemm)
         return sum(jnp.sum(y) for y in outputs)
 
-    for cpu_layouts, dots in ((True, 2), (False, 6)):
+    products = re.compile(r" dot\(|custom_call_target=\"maxlm_mkl_gemm\"")
+    for gemm, dots in (("cpu", 2), ("mkl", 2), ("dot", 6)):
         grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
-        hlo = grad.lower(x, kernels, cpu_layouts).compile().as_text()
-        assert len(re.findall(r" dot\(", hlo)) == dots, cpu_layouts
-    residuals = io.StringIO()
-    with contextlib.redirect_stdout(residuals):
-        jax.ad_checkpoint.print_saved_residuals(lambda x: loss(x, kernels, True), x)
-    kept = [line for line in residuals.getvalue().splitlines() if line.startswith("f32[16,8]")]
-    assert len(kept) == 1, residuals.getvalue()
+        hlo = grad.lower(x, kernels, gemm).compile().as_text()
+        assert len(products.findall(hlo)) == dots, gemm
+    for gemm in ("cpu", "mkl"):
+        residuals = io.StringIO()
+        with contextlib.redirect_stdout(residuals):
+            loss_of_x = functools.partial(loss, kernels=kernels, gemm=gemm)
+            jax.ad_checkpoint.print_saved_residuals(loss_of_x, x)
+        lines = residuals.getvalue().splitlines()
+        assert len([line for line in lines if line.startswith("f32[16,8]")]) == 1, lines

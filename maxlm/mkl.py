@@ -1,0 +1,115 @@
+"""Intel MKL's float32 GEMM as an XLA:CPU custom call (the `mkl` extra; x86-64 Linux).
+
+On this project's CPU, MKL's sgemm runs the layers' and the output head's float32 products at
+290-320 GFLOP/s where XLA:CPU's own (YNNPACK) reaches 170-280 (benchmarks/NOTES.md, change 15).
+XLA's built-in oneDNN route gives up YNNPACK's other fusions (change 9), so the products go to
+MKL one at a time through jax's FFI. `mkl_gemm.cc` is that handler: it is compiled with the
+system C++ compiler against jaxlib's FFI headers on first use (a few seconds; cached), MKL runs
+sequential, and each product is split over XLA's own intra-op threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+SOURCE = Path(__file__).with_name("mkl_gemm.cc")
+TARGET = "maxlm_mkl_gemm"
+LIBRARY = "libmkl_rt.so"  # .so.2 up to MKL 2025, .so.3 since
+SEQUENTIAL = 1  # MKL_THREADING_SEQUENTIAL
+CACHE_DIR = "~/.cache/maxlm/kernels"
+
+
+def installable() -> bool:
+    """Whether the `mkl` wheel exists for this machine (x86-64 Linux)."""
+    return sys.platform == "linux" and platform.machine() == "x86_64"
+
+
+def library_path() -> Path | None:
+    """MKL's single dynamic library as installed by the `mkl` wheel, or None."""
+    try:
+        files = importlib.metadata.distribution("mkl").files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if file.name.startswith(LIBRARY):
+            return Path(str(file.locate())).resolve()
+    return None
+
+
+def compiled_handler() -> Path:
+    """The handler's shared object, built once per source and jaxlib version."""
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler {compiler!r} to build {SOURCE.name} (set CXX)")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + jaxlib.__version__.encode() + compiler.encode()).hexdigest()
+    cache = Path(os.environ.get("MAXLM_KERNEL_CACHE", CACHE_DIR)).expanduser()
+    built = cache / f"mkl_gemm-{key[:16]}.so"
+    if built.exists():
+        return built
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as scratch:
+        partial = Path(scratch) / built.name
+        command = [
+            compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
+            f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(partial),
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"building {SOURCE.name} failed:\n{result.stderr[-2000:]}")
+        os.replace(partial, built)  # atomic: concurrent processes may build it too
+    return built
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """None once MKL is loaded and the custom call registered; otherwise why it is not."""
+    path = library_path()
+    if path is None:
+        return "MKL is not installed (pip install 'maxlm[mkl]')"
+    try:
+        mkl = ctypes.CDLL(str(path))
+        # must precede any other MKL call; XLA's threads run the blocks (mkl_gemm.cc)
+        if mkl.MKL_Set_Threading_Layer(SEQUENTIAL) != SEQUENTIAL:
+            return f"{path} would not switch to sequential threading"
+        handler = ctypes.CDLL(str(compiled_handler()))
+    except (OSError, RuntimeError) as error:
+        return str(error)
+    handler.maxlm_set_sgemm(ctypes.cast(mkl.cblas_sgemm, ctypes.c_void_p))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler.MaxlmMklGemm), platform="cpu")
+    return None
+
+
+def gemm(
+    a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b: bool = False
+) -> jax.Array:
+    """op(a) @ op(b) for float32 matrices, op transposing where asked, by MKL on XLA:CPU."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"maxlm.mkl.gemm: {reason}")
+    if a.dtype != jnp.float32 or b.dtype != jnp.float32 or a.ndim != 2 or b.ndim != 2:
+        raise ValueError(f"maxlm.mkl.gemm takes float32 matrices, got {a.dtype}{a.shape} and "
+                         f"{b.dtype}{b.shape}")  # fmt: skip
+    m = a.shape[1] if transpose_a else a.shape[0]
+    k = a.shape[0] if transpose_a else a.shape[1]
+    k_b, n = b.shape[::-1] if transpose_b else b.shape
+    if k != k_b:
+        raise ValueError(f"maxlm.mkl.gemm: contracted sizes differ ({k} and {k_b})")
+    call = jax.ffi.ffi_call(
+        TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
+    )
+    return call(a, b, transpose_a=transpose_a, transpose_b=transpose_b)

@@ -1,0 +1,103 @@
+"""maxlm.mkl: MKL's sgemm as an XLA:CPU custom call, and when maxlm chooses it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maxlm import config, matmul, mesh as mesh_lib, mkl, state as state_lib, train_step
+from maxlm.data.synthetic import packed_batch
+
+needs_mkl = pytest.mark.skipif(
+    mkl.library_path() is None and not mkl.installable(),
+    reason="Intel MKL has no wheel for this machine (x86-64 only)",
+)
+
+
+@needs_mkl
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+@pytest.mark.parametrize("m, k, n", [(197, 33, 70), (70, 33, 197), (8, 5, 3)])
+def test_gemm_equals_numpy(m, k, n, transpose_a, transpose_b):
+    """Every transpose combination; row blocks (m >= n), column blocks (n > m), and a product
+    too small to split; sizes that are not multiples of the 16-row blocks."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(k, m) if transpose_a else (m, k)).astype(np.float32)
+    b = rng.normal(size=(n, k) if transpose_b else (k, n)).astype(np.float32)
+    product = jax.jit(mkl.gemm, static_argnames=("transpose_a", "transpose_b"))
+    got = product(jnp.asarray(a), jnp.asarray(b), transpose_a=transpose_a, transpose_b=transpose_b)
+    want = (a.T if transpose_a else a).astype(np.float64) @ (b.T if transpose_b else b)
+    assert got.shape == (m, n) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_mkl
+def test_gemm_names_bad_operands():
+    with pytest.raises(ValueError, match=r"float32 matrices, got bfloat16"):
+        mkl.gemm(jnp.ones((2, 3), jnp.bfloat16), jnp.ones((3, 4)))
+    with pytest.raises(ValueError, match=r"contracted sizes differ \(3 and 5\)"):
+        mkl.gemm(jnp.ones((2, 3)), jnp.ones((5, 4)))
+
+
+@needs_mkl
+def test_choose_gemm():
+    assert matmul.choose_gemm("tpu", 8, "mkl") == "dot"
+    assert matmul.choose_gemm("cpu", 1, "xla") == "cpu"
+    assert matmul.choose_gemm("cpu", 1, "auto") == "mkl"
+    assert matmul.choose_gemm("cpu", 1, "mkl") == "mkl"
+    assert matmul.choose_gemm("cpu", 8, "auto") == "cpu"  # XLA would gather the operands
+    with pytest.raises(config.ConfigError, match=r"model\.cpu_matmul: mkl: the mesh has 8 devices"):
+        matmul.choose_gemm("cpu", 8, "mkl")
+
+
+def test_without_mkl_auto_falls_back_and_mkl_is_refused(monkeypatch):
+    monkeypatch.setattr(mkl, "library_path", lambda: None)
+    mkl.unavailable_reason.cache_clear()
+    try:
+        assert mkl.unavailable_reason() == "MKL is not installed (pip install 'maxlm[mkl]')"
+        assert matmul.choose_gemm("cpu", 1, "auto") == "cpu"
+        with pytest.raises(config.ConfigError, match=r"cpu_matmul: mkl: MKL is not installed"):
+            matmul.choose_gemm("cpu", 1, "mkl")
+    finally:
+        monkeypatch.undo()
+        mkl.unavailable_reason.cache_clear()
+
+
+@needs_mkl
+def test_a_missing_compiler_is_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("MAXLM_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'no-such-compiler'"):
+        mkl.compiled_handler()
+    assert not list(tmp_path.iterdir())
+
+
+@needs_mkl
+@pytest.mark.parametrize("tie_embeddings", [False, True])
+def test_train_steps_with_mkl_equal_xla(tie_embeddings):
+    """Three train steps of a tiny LLaMA on one CPU device: the MKL products give the losses,
+    gradient norms and parameters of XLA:CPU's own within float32 rounding."""
+    results = []
+    for route in ("xla", "mkl"):
+        cfg = config.load(None, [
+            "model.vocab_size=96", "model.d_model=32", "model.num_layers=2", "model.num_heads=4",
+            "model.num_kv_heads=2", "model.mlp_dim=48", "train.seq_len=32",
+            "train.global_batch_size=4", "train.loss_chunk=16", "mesh.data=1",
+            f"model.tie_embeddings={tie_embeddings}", f"model.cpu_matmul={route}",
+        ])  # fmt: skip
+        mesh = mesh_lib.make(cfg.mesh, devices=jax.devices()[:1])
+        steps = train_step.build(cfg, mesh)
+        calls = steps.train.as_text().count('custom_call_target="maxlm_mkl_gemm"')
+        state = state_lib.init(cfg, steps.optimizer, steps.blueprint)
+        batch = jax.device_put(packed_batch(4, 32, 96, seed=0), steps.batch_sharding)
+        history = []
+        for _ in range(3):
+            state, metrics = steps.train(state, batch)
+            history.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+        results.append((history, jax.device_get(state.params), calls))
+    (xla_history, xla_params, xla_calls), (mkl_history, mkl_params, mkl_calls) = results
+    # the scanned layer body: 4 forward and 8 backward products; the head loss: 3
+    assert (xla_calls, mkl_calls) == (0, 15)
+    np.testing.assert_allclose(mkl_history, xla_history, rtol=2e-5)
+    for got, want in zip(jax.tree.leaves(mkl_params), jax.tree.leaves(xla_params), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
