@@ -208,8 +208,8 @@ class ModelConfig(Section):
     )
     cpu_matmul: Literal["auto", "mkl", "xla"] = _field(
         "auto",
-        "float32 matmuls on a one-device CPU mesh: mkl (Intel MKL, the mkl extra; faster), xla "
-        "(XLA:CPU's own), auto = mkl where installed (README, Throughput on this CPU).",
+        "float32/bfloat16 matmuls on a one-device CPU mesh: mkl (Intel MKL, the mkl extra; "
+        "faster), xla (XLA:CPU's own), auto = mkl where installed (README: Throughput).",
     )
     attention: Literal["xla", "cudnn", "splash"] = _field(
         "xla",

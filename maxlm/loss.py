@@ -76,7 +76,7 @@ def head_loss(
     their gradient is turned at once into the chunk's share of d(hidden) and d(head), so the
     backward pass reads no logits at all. Only the objective carries gradients; the sums are
     metrics. `gemm` (`maxlm.matmul.Gemm`): "cpu" materializes the transposed activations of
-    d(head), "mkl" runs float32 products by MKL.
+    d(head), "mkl" runs the products by MKL.
     """
     batch, length = hidden.shape[:2]
     if length % chunk:
@@ -93,18 +93,21 @@ def head_loss(
     xs = (chunked(hidden), chunked(targets), chunked(real))
 
     def by_mkl(x: jax.Array) -> bool:
-        return gemm == "mkl" and x.dtype == jnp.float32
+        return gemm == "mkl" and x.dtype in mkl.TARGETS
 
     def logits_of(x: jax.Array, w: jax.Array) -> jax.Array:
         if by_mkl(x):
-            rows = mkl.gemm(x.reshape(-1, x.shape[-1]), w, transpose_b=vocab_axis == 0)
+            rows = mkl.gemm(
+                x.reshape(-1, x.shape[-1]), w.astype(x.dtype), transpose_b=vocab_axis == 0
+            )
             return rows.reshape(*x.shape[:-1], -1)
         return head_logits(x, w, vocab_axis)
 
     def hidden_grad(grad: jax.Array, w: jax.Array) -> jax.Array:
         """d(x) of one chunk, float32 (B,C,D): grad (B,C,V) back through the head."""
         if by_mkl(grad):
-            rows = mkl.gemm(grad.reshape(-1, grad.shape[-1]), w, transpose_b=vocab_axis == 1)
+            flat = grad.reshape(-1, grad.shape[-1])
+            rows = mkl.gemm(flat, w.astype(grad.dtype), transpose_b=vocab_axis == 1)
             return rows.reshape(*grad.shape[:-1], -1)
         spec = "BCV,DV->BCD" if vocab_axis == 1 else "BCV,VD->BCD"
         return jnp.einsum(spec, grad, w.astype(grad.dtype), preferred_element_type=jnp.float32)

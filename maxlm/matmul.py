@@ -10,9 +10,9 @@ with its own backward pass: the transposed activation and weight are materialize
 transposed by the forward pass), every dot accumulates in float32, and results are cast
 afterwards (measurements: benchmarks/NOTES.md). `project` runs projections that share an input
 (q/k/v, gate/up) as one such product, so the input is kept and transposed once. Where Intel MKL
-is installed, float32 products on a one-device CPU mesh go to MKL instead (`maxlm.mkl`), which
-takes transposed operands as they are. Other platforms use plain dots: their compilers choose
-layouts well, and a barrier would only cost a copy.
+is installed, float32 and bfloat16 products on a one-device CPU mesh go to MKL instead
+(`maxlm.mkl`), which takes transposed operands as they are. Other platforms use plain dots:
+their compilers choose layouts well, and a barrier would only cost a copy.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from maxlm import mkl
 from maxlm.config import ConfigError
 
 # How products are computed: "dot" plain dots (TPU/GPU), "cpu" XLA:CPU dots with the layouts
-# described above, "mkl" float32 products by MKL and other dtypes as "cpu".
+# described above, "mkl" float32 and bfloat16 products by MKL (float16 as "cpu").
 Gemm = Literal["dot", "cpu", "mkl"]
 
 
@@ -94,8 +94,8 @@ matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def mkl_matmul(x: jax.Array, w: jax.Array, out_dtype: DTypeLike) -> jax.Array:
-    """`matmul` of float32 x and w by MKL; the backward pass reads x and w untransposed."""
-    return mkl.gemm(x, w.astype(jnp.float32)).astype(out_dtype)
+    """`matmul` by MKL (float32 or bfloat16 x); the backward pass reads x and w untransposed."""
+    return mkl.gemm(x, w.astype(x.dtype)).astype(out_dtype)
 
 
 def _mkl_matmul_fwd(
@@ -108,8 +108,8 @@ def _mkl_matmul_bwd(
     out_dtype: DTypeLike, residuals: tuple[jax.Array, jax.Array], grad: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     x, w = residuals
-    grad = grad.astype(jnp.float32)
-    grad_x = mkl.gemm(grad, w.astype(jnp.float32), transpose_b=True)
+    grad = grad.astype(x.dtype)
+    grad_x = mkl.gemm(grad, w.astype(x.dtype), transpose_b=True).astype(x.dtype)
     return grad_x, mkl.gemm(x, grad, transpose_a=True).astype(w.dtype)
 
 
@@ -117,7 +117,7 @@ mkl_matmul.defvjp(_mkl_matmul_fwd, _mkl_matmul_bwd)
 
 
 def _product(x: jax.Array, w: jax.Array, out_dtype: DTypeLike, gemm: Gemm) -> jax.Array:
-    if gemm == "mkl" and x.dtype == jnp.float32:
+    if gemm == "mkl" and x.dtype in mkl.TARGETS:
         return mkl_matmul(x, w, out_dtype)
     return matmul(x, w, out_dtype)
 

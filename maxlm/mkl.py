@@ -1,7 +1,8 @@
-"""Intel MKL's float32 GEMM as an XLA:CPU custom call (the `mkl` extra; x86-64 Linux).
+"""Intel MKL's GEMM as an XLA:CPU custom call (the `mkl` extra; x86-64 Linux).
 
 On this project's CPU, MKL's sgemm runs the layers' and the output head's float32 products at
-290-320 GFLOP/s where XLA:CPU's own (YNNPACK) reaches 170-280 (benchmarks/NOTES.md, change 15).
+290-320 GFLOP/s where XLA:CPU's own (YNNPACK) reaches 170-280, and its bf16 x bf16 -> f32 GEMM
+(AMX) beats XLA:CPU's bf16 too (benchmarks/NOTES.md, changes 15 and 16).
 XLA's built-in oneDNN route gives up YNNPACK's other fusions (change 9), so the products go to
 MKL one at a time through jax's FFI. `mkl_gemm.cc` is that handler: it is compiled with the
 system C++ compiler against jaxlib's FFI headers on first use (a few seconds; cached), MKL runs
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import jaxlib
 
 SOURCE = Path(__file__).with_name("mkl_gemm.cc")
-TARGET = "maxlm_mkl_gemm"
+TARGETS = {jnp.dtype(jnp.float32): "maxlm_mkl_gemm", jnp.dtype(jnp.bfloat16): "maxlm_mkl_gemm_bf16"}
 LIBRARY = "libmkl_rt.so"  # .so.2 up to MKL 2025, .so.3 since
 SEQUENTIAL = 1  # MKL_THREADING_SEQUENTIAL
 CACHE_DIR = "~/.cache/maxlm/kernels"
@@ -89,27 +90,33 @@ def unavailable_reason() -> str | None:
         handler = ctypes.CDLL(str(compiled_handler()))
     except (OSError, RuntimeError) as error:
         return str(error)
-    handler.maxlm_set_sgemm(ctypes.cast(mkl.cblas_sgemm, ctypes.c_void_p))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler.MaxlmMklGemm), platform="cpu")
+    handler.maxlm_set_gemms(
+        ctypes.cast(mkl.cblas_sgemm, ctypes.c_void_p),
+        ctypes.cast(mkl.cblas_gemm_bf16bf16f32, ctypes.c_void_p),
+    )
+    for name, symbol in zip(TARGETS.values(), ("MaxlmMklGemm", "MaxlmMklGemmBf16"), strict=True):
+        capsule = jax.ffi.pycapsule(getattr(handler, symbol))
+        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
     return None
 
 
 def gemm(
     a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b: bool = False
 ) -> jax.Array:
-    """op(a) @ op(b) for float32 matrices, op transposing where asked, by MKL on XLA:CPU."""
+    """op(a) @ op(b) in float32 for float32 or bfloat16 matrices (both alike), op transposing
+    where asked, by MKL on XLA:CPU."""
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"maxlm.mkl.gemm: {reason}")
-    if a.dtype != jnp.float32 or b.dtype != jnp.float32 or a.ndim != 2 or b.ndim != 2:
-        raise ValueError(f"maxlm.mkl.gemm takes float32 matrices, got {a.dtype}{a.shape} and "
-                         f"{b.dtype}{b.shape}")  # fmt: skip
+    if a.dtype != b.dtype or a.dtype not in TARGETS or a.ndim != 2 or b.ndim != 2:
+        raise ValueError(f"maxlm.mkl.gemm takes two float32 or two bfloat16 matrices, got "
+                         f"{a.dtype}{a.shape} and {b.dtype}{b.shape}")  # fmt: skip
     m = a.shape[1] if transpose_a else a.shape[0]
     k = a.shape[0] if transpose_a else a.shape[1]
     k_b, n = b.shape[::-1] if transpose_b else b.shape
     if k != k_b:
         raise ValueError(f"maxlm.mkl.gemm: contracted sizes differ ({k} and {k_b})")
     call = jax.ffi.ffi_call(
-        TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
+        TARGETS[a.dtype], jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
     )
     return call(a, b, transpose_a=transpose_a, transpose_b=transpose_b)

@@ -1,4 +1,5 @@
-// Intel MKL's sgemm as an XLA:CPU FFI custom call (loaded and registered by maxlm/mkl.py).
+// Intel MKL's GEMMs (float32, and bfloat16 with a float32 result) as XLA:CPU FFI custom calls
+// (loaded and registered by maxlm/mkl.py).
 //
 // MKL runs sequential here: the product is split into row (or column) blocks that run on
 // XLA's own intra-op thread pool, so MKL's threads and XLA's never compete for the cores.
@@ -15,16 +16,23 @@
 
 namespace ffi = xla::ffi;
 
-// cblas_sgemm of MKL's LP64 interface (MKL_INT is 32-bit)
-using Sgemm = void (*)(int, int, int, int, int, int, float, const float*, int, const float*, int,
-                       float, float*, int);
-static Sgemm sgemm = nullptr;
+// cblas_sgemm and cblas_gemm_bf16bf16f32 of MKL's LP64 interface (MKL_INT is 32-bit): the
+// same arguments, operands of float or bfloat16 (MKL_BF16, 16-bit), a float32 result
+using GemmFn = void (*)(int, int, int, int, int, int, float, const void*, int, const void*, int,
+                        float, float*, int);
+static GemmFn sgemm = nullptr, bf16_gemm = nullptr;
 
-extern "C" void maxlm_set_sgemm(void* fn) { sgemm = reinterpret_cast<Sgemm>(fn); }
+extern "C" void maxlm_set_gemms(void* f32, void* bf16) {
+  sgemm = reinterpret_cast<GemmFn>(f32);
+  bf16_gemm = reinterpret_cast<GemmFn>(bf16);
+}
 
 namespace {
 
-using Matrix = ffi::Buffer<ffi::F32, 2>;
+template <ffi::DataType T>
+using Matrix = ffi::Buffer<T, 2>;
+using F32Matrix = ffi::Buffer<ffi::F32, 2>;
+using Bf16Matrix = ffi::Buffer<ffi::BF16, 2>;
 
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 constexpr int64_t kMinBlock = 64;  // smaller blocks run slower than one thread does
@@ -41,9 +49,12 @@ struct Blocks {
   }
 };
 
-ffi::Error Gemm(ffi::ThreadPool pool, Matrix a, Matrix b, ffi::Result<Matrix> c, bool transpose_a,
-                bool transpose_b) {
-  if (sgemm == nullptr) return ffi::Error::Internal("maxlm_mkl_gemm: MKL's sgemm is not set");
+template <ffi::DataType T>
+ffi::Error Gemm(ffi::ThreadPool pool, Matrix<T> a, Matrix<T> b, ffi::Result<F32Matrix> c,
+                bool transpose_a, bool transpose_b) {
+  GemmFn gemm = T == ffi::DataType::F32 ? sgemm : bf16_gemm;
+  if (gemm == nullptr) return ffi::Error::Internal("maxlm_mkl_gemm: MKL's gemm is not set");
+  using Element = ffi::NativeType<T>;
   auto a_dims = a.dimensions(), b_dims = b.dimensions();
   int64_t m = transpose_a ? a_dims[1] : a_dims[0], k = transpose_a ? a_dims[0] : a_dims[1];
   int64_t k_b = transpose_b ? b_dims[1] : b_dims[0], n = transpose_b ? b_dims[0] : b_dims[1];
@@ -54,8 +65,8 @@ ffi::Error Gemm(ffi::ThreadPool pool, Matrix a, Matrix b, ffi::Result<Matrix> c,
   }
   int lda = static_cast<int>(a_dims[1]), ldb = static_cast<int>(b_dims[1]);
   int ldc = static_cast<int>(n);
-  const float* pa = a.typed_data();
-  const float* pb = b.typed_data();
+  const Element* pa = a.typed_data();
+  const Element* pb = b.typed_data();
   float* pc = c->typed_data();
   int op_a = transpose_a ? kTrans : kNoTrans, op_b = transpose_b ? kTrans : kNoTrans;
 
@@ -69,12 +80,12 @@ ffi::Error Gemm(ffi::ThreadPool pool, Matrix a, Matrix b, ffi::Result<Matrix> c,
     if (lo >= hi) return;
     int size = static_cast<int>(hi - lo);
     if (by_rows) {
-      const float* rows = transpose_a ? pa + lo : pa + lo * lda;
-      sgemm(kRowMajor, op_a, op_b, size, static_cast<int>(n), static_cast<int>(k), 1.0f, rows,
+      const Element* rows = transpose_a ? pa + lo : pa + lo * lda;
+      gemm(kRowMajor, op_a, op_b, size, static_cast<int>(n), static_cast<int>(k), 1.0f, rows,
             lda, pb, ldb, 0.0f, pc + lo * ldc, ldc);
     } else {
-      const float* cols = transpose_b ? pb + lo * ldb : pb + lo;
-      sgemm(kRowMajor, op_a, op_b, static_cast<int>(m), size, static_cast<int>(k), 1.0f, pa,
+      const Element* cols = transpose_b ? pb + lo * ldb : pb + lo;
+      gemm(kRowMajor, op_a, op_b, static_cast<int>(m), size, static_cast<int>(k), 1.0f, pa,
             lda, cols, ldb, 0.0f, pc + lo, ldc);
     }
   };
@@ -100,11 +111,20 @@ ffi::Error Gemm(ffi::ThreadPool pool, Matrix a, Matrix b, ffi::Result<Matrix> c,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxlmMklGemm, Gemm,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxlmMklGemm, Gemm<ffi::F32>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<Matrix>()
-                                  .Arg<Matrix>()
-                                  .Ret<Matrix>()
+                                  .Arg<F32Matrix>()
+                                  .Arg<F32Matrix>()
+                                  .Ret<F32Matrix>()
+                                  .Attr<bool>("transpose_a")
+                                  .Attr<bool>("transpose_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxlmMklGemmBf16, Gemm<ffi::BF16>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Bf16Matrix>()
+                                  .Arg<Bf16Matrix>()
+                                  .Ret<F32Matrix>()
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b"));
