@@ -1,11 +1,12 @@
-"""Which matmuls of maxlm's compiled CPU train step run in YNNPACK, and in which dtypes.
+"""Which matmuls of maxlm's compiled CPU train step run in YNNPACK or MKL, and in which dtypes.
 
     python benchmarks/hlo_dots.py small model.dtype=bfloat16
 
 XLA:CPU runs a dot fast only inside a YNNPACK fusion (row-major operands, contracted axis of
 the left operand last, f32 x f32 -> f32 or bf16 x bf16 -> f32); any other dot runs on XLA's
-generic path, and bf16 dots may be upcast to f32 first. Prints one line per dot of the
-optimized HLO: where it runs, output and operand types, and the jax op it came from.
+generic path, and bf16 dots may be upcast to f32 first. With the `mkl` extra, the layers' and
+the head's products are MKL custom calls instead (`maxlm/mkl.py`). Prints one line per product
+of the optimized HLO: where it runs, output and operand types, and the jax op it came from.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 
 def dots(hlo: str) -> list[tuple[str, str, list[str], str]]:
-    """(ynn|generic, output type, operand types, op name) for every dot in `hlo`."""
+    """(ynn|generic|mkl, output type, operand types, op name) for every product in `hlo`."""
     computations: dict[str, list[str]] = {}
     current = None
     for line in hlo.splitlines():
@@ -38,9 +39,15 @@ def dots(hlo: str) -> list[tuple[str, str, list[str], str]]:
     for name, lines in computations.items():
         for line in lines:
             dot = re.search(r"= (\w+\[[\d,]*\])\S* dot\(%([\w.\-]+), %([\w.\-]+)\)", line)
-            if dot:
+            mkl = re.search(
+                r"= (\w+\[[\d,]*\])\S* custom-call\(%([\w.\-]+), %([\w.\-]+)\).*"
+                r'custom_call_target="maxlm_mkl_gemm',
+                line,
+            )
+            if dot or mkl:
                 op = re.search(r'op_name="([^"]+)"', line)
-                where = "ynn" if name in in_ynn else "generic"
+                where = "mkl" if mkl else "ynn" if name in in_ynn else "generic"
+                dot = dot or mkl
                 operands = [types.get(dot.group(2), "?"), types.get(dot.group(3), "?")]
                 found.append((where, dot.group(1), operands, op.group(1) if op else ""))
     return found
