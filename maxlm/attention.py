@@ -25,6 +25,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import (
 )
 from jax.sharding import Mesh, PartitionSpec
 
+from maxlm import mkl as mkl_kernels
 from maxlm.config import ConfigError
 from maxlm.sharding import ActivationSharding, Rules, partition_spec, target_platform
 
@@ -61,9 +62,11 @@ def attend(
     implementation: Implementation = "xla",
     constrain: Constrain | None = None,
     names: tuple[Sequence[str | None], Sequence[str | None]] | None = None,
+    mkl: bool = False,
 ) -> jax.Array:
     """Attention output (B,T,N,H) in q's dtype. `constrain` (the model's activation sharding)
-    and the logical `names` of q and k let splash run per shard of the mesh."""
+    and the logical `names` of q and k let splash run per shard of the mesh. `mkl`: the xla
+    path's float32 causal self-attention runs as `maxlm.mkl.attention` (one-device CPU)."""
     if implementation == "splash":
         return _splash(q, k, v, segment_ids, prefix, constrain, names)
     if implementation == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
@@ -73,6 +76,8 @@ def attend(
         )
     if implementation == "cudnn":
         return _fused(q, k, v, segment_ids, prefix, implementation)
+    if mkl and prefix is None and q.dtype == jnp.float32 and q.shape[1] == k.shape[1]:
+        return mkl_kernels.attention(q, k, v, segment_ids)
     # Recomputed in the backward pass, as fused kernels do: the (B,N,T,S) float32 probabilities
     # of every layer are then never stored (268 MB per step on `small`, GiBs at 4K tokens).
     block = causal_block(q.shape[1])

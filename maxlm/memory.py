@@ -12,7 +12,9 @@ F = mlp_dim, S = seq_len, c = compute-dtype bytes:
       attention keeps q, k (after RoPE), v and its output (xla attention is itself rematerialized,
       so no (B,N,T,S) probabilities are kept); SwiGLU keeps gate and up, and the down projection
       its input (3 F); the q/k/v and gate/up projections keep their shared inputs, the two
-      normed activations (2 D; on CPU each group is one matmul, maxlm.matmul.project)
+      normed activations (2 D; on CPU each group is one matmul, maxlm.matmul.project);
+      MKL's float32 attention (maxlm.mkl.attention) also keeps its output and float32
+      log-sum-exp: c Q + 4 N more
   remat full           c D                        the layer input; all else is recomputed
   remat minimal        c (2 D + Q + 2 KV + 2 F)   the weight matmuls' outputs (c D on CPU: its
                                                   custom-VJP matmuls are no dots to the policy)
@@ -43,7 +45,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from maxlm import sharding
+from maxlm import matmul, sharding
 from maxlm.config import Config, ConfigError, ModelConfig
 
 Rules = Mapping[str, str | Sequence[str] | None]
@@ -196,7 +198,9 @@ def widths(cfg: Config, mesh: MeshShape) -> Widths:
 def layer_bytes(w: Widths, remat: str, c: int, cpu_layouts: bool, attention: str) -> float:
     """Bytes per token one decoder layer keeps for the backward pass (module docstring)."""
     if remat == "none":
-        return 8 + c * (2 * w.q + 2 * w.kv + 3 * w.f + 4 * w.d)
+        # MKL's attention also keeps its output and each row's float32 log-sum-exp
+        fused = c * w.q + 4 * w.heads if attention == "mkl" else 0
+        return 8 + c * (2 * w.q + 2 * w.kv + 3 * w.f + 4 * w.d) + fused
     if remat == "full":
         return c * w.d
     minimal = c * w.d if cpu_layouts else c * (2 * w.d + w.q + 2 * w.kv + 2 * w.f)
@@ -253,6 +257,16 @@ class Memory:
         return self.params + self.gradients + self.optimizer + self.activations
 
 
+def attention_path(cfg: Config, platform: str, devices: int) -> str:
+    """`model.attention` as the step runs it: "mkl" where `maxlm.mkl.attention` takes the xla
+    path's place (float32 compute with MKL on a one-device CPU mesh)."""
+    m = cfg.model
+    by_mkl = matmul.choose_gemm(platform, devices, m.cpu_matmul) == "mkl"
+    if m.attention == "xla" and by_mkl and compute_bytes(m.dtype, platform) == 4:
+        return "mkl"
+    return m.attention
+
+
 def compute_bytes(dtype: str, platform: str) -> int:
     """Bytes of the compute dtype; auto is float32 on CPU and bfloat16 on TPU/GPU (as the model)."""
     if dtype == "auto":
@@ -279,10 +293,11 @@ def per_device(cfg: Config, mesh: MeshShape, platform: str) -> Memory:
     rows = train.micro_batch_size / _axes_size(rules.get("act_batch"), mesh)
     tokens = rows * train.seq_len
     w = widths(cfg, mesh)
-    per_token = m.num_layers * layer_bytes(w, m.remat, kept, cpu, m.attention)
+    attention = attention_path(cfg, platform, math.prod(mesh.values()))
+    per_token = m.num_layers * layer_bytes(w, m.remat, kept, cpu, attention)
     per_token += outside_layers_bytes(w, m.remat, kept, train.loss_chunk_size)
     gathered = _gathered_layer_weights(cfg, params, ways, mesh, c)
-    layer = _layer_working(cfg, w, tokens, kept, cpu) + 2 * gathered
+    layer = _layer_working(cfg, w, tokens, kept, cpu, attention) + 2 * gathered
     return Memory(
         params=elements * p,
         gradients=elements * (p + (4 if train.grad_accum_steps > 1 else 0)),
@@ -303,16 +318,18 @@ def _head_working(cfg: Config, w: Widths, rows: float, c: int) -> float:
     return rows * chunk * w.vocab * per_position + 4 * w.d * w.vocab
 
 
-def _layer_working(cfg: Config, w: Widths, tokens: float, kept: int, cpu: bool) -> float:
+def _layer_working(
+    cfg: Config, w: Widths, tokens: float, kept: int, cpu: bool, attention: str
+) -> float:
     """One layer's backward: what the policy recomputes, the float32 intermediates the norms' and
     SwiGLU's own backward passes rebuild (each norm's x, x/rms and gradient: 3 x 4 D, and SwiGLU's
     sigmoid, silu and product: 3 F), and xla attention's (B,N,T,S) arrays."""
     m = cfg.model
-    recomputed = layer_bytes(w, "none", kept, cpu, m.attention)
-    recomputed -= layer_bytes(w, m.remat, kept, cpu, m.attention)
+    recomputed = layer_bytes(w, "none", kept, cpu, attention)
+    recomputed -= layer_bytes(w, m.remat, kept, cpu, attention)
     rebuilt = 24 * w.d + 8 + 3 * kept * w.f
-    attention = 16 * w.heads * w.seq if m.attention == "xla" else 0
-    return tokens * (recomputed + rebuilt + attention)
+    probabilities = 16 * w.heads * w.seq if attention == "xla" else 0
+    return tokens * (recomputed + rebuilt + probabilities)
 
 
 def _gathered_layer_weights(

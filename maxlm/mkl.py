@@ -4,9 +4,11 @@ On this project's CPU, MKL's sgemm runs the layers' and the output head's float3
 290-320 GFLOP/s where XLA:CPU's own (YNNPACK) reaches 170-280, and its bf16 x bf16 -> f32 GEMM
 (AMX) beats XLA:CPU's bf16 too (benchmarks/NOTES.md, changes 15 and 16).
 XLA's built-in oneDNN route gives up YNNPACK's other fusions (change 9), so the products go to
-MKL one at a time through jax's FFI. `mkl_gemm.cc` is that handler: it is compiled with the
-system C++ compiler against jaxlib's FFI headers on first use (a few seconds; cached), MKL runs
-sequential, and each product is split over XLA's own intra-op threads.
+MKL one at a time through jax's FFI. `attention` is causal document-masked flash attention on
+MKL's products (float32), twice as fast as XLA:CPU's softmax passes (change 17).
+`mkl_kernels.cc` holds the handlers: it is compiled with the system C++ compiler against jaxlib's
+FFI headers on first use (a few seconds; cached), MKL runs sequential, and the work is split
+over XLA's own intra-op threads.
 """
 
 from __future__ import annotations
@@ -22,13 +24,20 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import jaxlib
 
-SOURCE = Path(__file__).with_name("mkl_gemm.cc")
+SOURCE = Path(__file__).with_name("mkl_kernels.cc")
 TARGETS = {jnp.dtype(jnp.float32): "maxlm_mkl_gemm", jnp.dtype(jnp.bfloat16): "maxlm_mkl_gemm_bf16"}
+HANDLERS = {  # custom-call target -> symbol in mkl_kernels.cc
+    "maxlm_mkl_gemm": "MaxlmMklGemm",
+    "maxlm_mkl_gemm_bf16": "MaxlmMklGemmBf16",
+    "maxlm_mkl_attention": "MaxlmAttentionForward",
+    "maxlm_mkl_attention_grad": "MaxlmAttentionBackward",
+}
 LIBRARY = "libmkl_rt.so"  # .so.2 up to MKL 2025, .so.3 since
 SEQUENTIAL = 1  # MKL_THREADING_SEQUENTIAL
 CACHE_DIR = "~/.cache/maxlm/kernels"
@@ -59,14 +68,14 @@ def compiled_handler() -> Path:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + jaxlib.__version__.encode() + compiler.encode()).hexdigest()
     cache = Path(os.environ.get("MAXLM_KERNEL_CACHE", CACHE_DIR)).expanduser()
-    built = cache / f"mkl_gemm-{key[:16]}.so"
+    built = cache / f"mkl_kernels-{key[:16]}.so"
     if built.exists():
         return built
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as scratch:
         partial = Path(scratch) / built.name
         command = [
-            compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
+            compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-w",
             f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(partial),
         ]  # fmt: skip
         result = subprocess.run(command, capture_output=True, text=True)
@@ -84,17 +93,17 @@ def unavailable_reason() -> str | None:
         return "MKL is not installed (pip install 'maxlm[mkl]')"
     try:
         mkl = ctypes.CDLL(str(path))
-        # must precede any other MKL call; XLA's threads run the blocks (mkl_gemm.cc)
+        # must precede any other MKL call; XLA's threads run the blocks (mkl_kernels.cc)
         if mkl.MKL_Set_Threading_Layer(SEQUENTIAL) != SEQUENTIAL:
             return f"{path} would not switch to sequential threading"
         handler = ctypes.CDLL(str(compiled_handler()))
     except (OSError, RuntimeError) as error:
         return str(error)
-    handler.maxlm_set_gemms(
-        ctypes.cast(mkl.cblas_sgemm, ctypes.c_void_p),
-        ctypes.cast(mkl.cblas_gemm_bf16bf16f32, ctypes.c_void_p),
-    )
-    for name, symbol in zip(TARGETS.values(), ("MaxlmMklGemm", "MaxlmMklGemmBf16"), strict=True):
+    handler.maxlm_set_mkl(*(
+        ctypes.cast(getattr(mkl, name), ctypes.c_void_p)
+        for name in ("cblas_sgemm", "cblas_gemm_bf16bf16f32", "vsExp")
+    ))  # fmt: skip
+    for name, symbol in HANDLERS.items():
         capsule = jax.ffi.pycapsule(getattr(handler, symbol))
         jax.ffi.register_ffi_target(name, capsule, platform="cpu")
     return None
@@ -120,3 +129,41 @@ def gemm(
         TARGETS[a.dtype], jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
     )
     return call(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+
+
+def _attention_call(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> Any:
+    batch, length, heads, _ = q.shape
+    shapes = (
+        jax.ShapeDtypeStruct(q.shape, jnp.float32),
+        jax.ShapeDtypeStruct((batch, heads, length), jnp.float32),  # each row's log-sum-exp
+    )
+    call = jax.ffi.ffi_call("maxlm_mkl_attention", shapes, vmap_method="sequential")
+    return call(q, k, v, segment_ids)
+
+
+@jax.custom_vjp
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """Causal self-attention within documents (equal `segment_ids`), float32 q (B,T,N,H) and
+    k, v (B,T,K,H) with N a multiple of K; scale 1/sqrt(H). What `maxlm.attention.attend`'s xla
+    path computes, without the (B,N,T,S) probabilities: the backward pass recomputes them
+    block by block from each row's log-sum-exp."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"maxlm.mkl.attention: {reason}")
+    return _attention_call(q, k, v, segment_ids)[0]
+
+
+def _attention_fwd(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> Any:
+    out, log_sum_exp = _attention_call(q, k, v, segment_ids)
+    return out, (q, k, v, segment_ids, out, log_sum_exp)
+
+
+def _attention_bwd(residuals: Any, d_out: jax.Array) -> Any:
+    q, k, v, segment_ids, out, log_sum_exp = residuals
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+    call = jax.ffi.ffi_call("maxlm_mkl_attention_grad", shapes, vmap_method="sequential")
+    d_q, d_k, d_v = call(q, k, v, segment_ids, out, log_sum_exp, d_out.astype(jnp.float32))
+    return d_q, d_k, d_v, None
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)

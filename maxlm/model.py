@@ -271,7 +271,7 @@ class Attention(nnx.Module):
         q, k, v = self._project(x, sin, cos)
         out = attention.attend(
             q, k, v, segment_ids, prefix=prefix, implementation=self.implementation,
-            constrain=self.constrain, names=(Q_HEADS, KV_HEADS),
+            constrain=self.constrain, names=(Q_HEADS, KV_HEADS), mkl=self.o_proj.gemm == "mkl",
         )  # fmt: skip
         return self.o_proj("BTNH,NHD->BTD", out)
 

@@ -1,0 +1,350 @@
+// XLA:CPU FFI custom calls on Intel MKL (loaded and registered by maxlm/mkl.py): GEMMs (float32,
+// and bfloat16 with a float32 result), and causal document-masked attention in float32.
+//
+// MKL runs sequential here: the product is split into row (or column) blocks that run on
+// XLA's own intra-op thread pool, so MKL's threads and XLA's never compete for the cores.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+// cblas_sgemm and cblas_gemm_bf16bf16f32 of MKL's LP64 interface (MKL_INT is 32-bit): the
+// same arguments, operands of float or bfloat16 (MKL_BF16, 16-bit), a float32 result
+using GemmFn = void (*)(int, int, int, int, int, int, float, const void*, int, const void*, int,
+                        float, float*, int);
+// vsExp of MKL's vector math: y = exp(a) elementwise
+using ExpFn = void (*)(int, const float*, float*);
+static GemmFn sgemm = nullptr, bf16_gemm = nullptr;
+static ExpFn vexp = nullptr;
+
+extern "C" void maxlm_set_mkl(void* f32, void* bf16, void* exp) {
+  sgemm = reinterpret_cast<GemmFn>(f32);
+  bf16_gemm = reinterpret_cast<GemmFn>(bf16);
+  vexp = reinterpret_cast<ExpFn>(exp);
+}
+
+namespace {
+
+template <ffi::DataType T>
+using Matrix = ffi::Buffer<T, 2>;
+using F32Matrix = ffi::Buffer<ffi::F32, 2>;
+using Bf16Matrix = ffi::Buffer<ffi::BF16, 2>;
+
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+constexpr int64_t kMinBlock = 64;  // smaller blocks run slower than one thread does
+
+// Blocks of one product; whoever claims a block first (a pool thread or the caller) runs it,
+// so the caller never waits on a pool that is busy with other work.
+struct Blocks {
+  std::vector<std::atomic<bool>> claimed;
+  std::atomic<int> left;
+  std::mutex mutex;
+  std::condition_variable finished;
+  explicit Blocks(int n) : claimed(n), left(n) {
+    for (auto& flag : claimed) flag.store(false);
+  }
+};
+
+template <ffi::DataType T>
+ffi::Error Gemm(ffi::ThreadPool pool, Matrix<T> a, Matrix<T> b, ffi::Result<F32Matrix> c,
+                bool transpose_a, bool transpose_b) {
+  GemmFn gemm = T == ffi::DataType::F32 ? sgemm : bf16_gemm;
+  if (gemm == nullptr) return ffi::Error::Internal("maxlm_mkl_gemm: MKL's gemm is not set");
+  using Element = ffi::NativeType<T>;
+  auto a_dims = a.dimensions(), b_dims = b.dimensions();
+  int64_t m = transpose_a ? a_dims[1] : a_dims[0], k = transpose_a ? a_dims[0] : a_dims[1];
+  int64_t k_b = transpose_b ? b_dims[1] : b_dims[0], n = transpose_b ? b_dims[0] : b_dims[1];
+  if (k != k_b) return ffi::Error::InvalidArgument("maxlm_mkl_gemm: contracted sizes differ");
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  if (a.element_count() > kIntMax || b.element_count() > kIntMax || m * n > kIntMax) {
+    return ffi::Error::InvalidArgument("maxlm_mkl_gemm: operands exceed MKL's 32-bit sizes");
+  }
+  int lda = static_cast<int>(a_dims[1]), ldb = static_cast<int>(b_dims[1]);
+  int ldc = static_cast<int>(n);
+  const Element* pa = a.typed_data();
+  const Element* pb = b.typed_data();
+  float* pc = c->typed_data();
+  int op_a = transpose_a ? kTrans : kNoTrans, op_b = transpose_b ? kTrans : kNoTrans;
+
+  bool by_rows = m >= n;
+  int64_t extent = by_rows ? m : n;
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  int parts = static_cast<int>(std::clamp<int64_t>(extent / kMinBlock, 1, threads));
+  int64_t per_part = ((extent + parts - 1) / parts + 15) / 16 * 16;
+  auto run = [=](int part) {
+    int64_t lo = part * per_part, hi = std::min(extent, lo + per_part);
+    if (lo >= hi) return;
+    int size = static_cast<int>(hi - lo);
+    if (by_rows) {
+      const Element* rows = transpose_a ? pa + lo : pa + lo * lda;
+      gemm(kRowMajor, op_a, op_b, size, static_cast<int>(n), static_cast<int>(k), 1.0f, rows,
+            lda, pb, ldb, 0.0f, pc + lo * ldc, ldc);
+    } else {
+      const Element* cols = transpose_b ? pb + lo * ldb : pb + lo;
+      gemm(kRowMajor, op_a, op_b, static_cast<int>(m), size, static_cast<int>(k), 1.0f, pa,
+            lda, cols, ldb, 0.0f, pc + lo, ldc);
+    }
+  };
+  if (parts == 1) {
+    run(0);
+    return ffi::Error::Success();
+  }
+  auto blocks = std::make_shared<Blocks>(parts);
+  auto claim = [blocks, run](int part) {
+    if (blocks->claimed[part].exchange(true)) return;
+    run(part);
+    if (blocks->left.fetch_sub(1) == 1) {
+      std::lock_guard<std::mutex> lock(blocks->mutex);
+      blocks->finished.notify_all();
+    }
+  };
+  for (int part = 1; part < parts; ++part) pool.Schedule([claim, part] { claim(part); });
+  for (int part = 0; part < parts; ++part) claim(part);
+  std::unique_lock<std::mutex> lock(blocks->mutex);
+  blocks->finished.wait(lock, [&] { return blocks->left.load() == 0; });
+  return ffi::Error::Success();
+}
+
+constexpr int kBlock = 128;  // attention tiles: queries and keys
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// f(0) ... f(tasks - 1) on the caller and the pool's threads, each task taken by the first free one
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int tasks, F f) {
+  struct State {
+    std::atomic<int> next{0};
+    std::atomic<int> done{0};
+    std::mutex mutex;
+    std::condition_variable finished;
+  };
+  auto state = std::make_shared<State>();
+  auto worker = [state, tasks, f]() {
+    int ran = 0;
+    for (int task; (task = state->next.fetch_add(1)) < tasks; ++ran) f(task);
+    if (ran && state->done.fetch_add(ran) + ran == tasks) {
+      std::lock_guard<std::mutex> lock(state->mutex);
+      state->finished.notify_all();
+    }
+  };
+  int helpers = static_cast<int>(std::min<int64_t>(pool.num_threads(), tasks)) - 1;
+  for (int i = 0; i < helpers; ++i) pool.Schedule([worker] { worker(); });
+  worker();
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->finished.wait(lock, [&] { return state->done.load() == tasks; });
+}
+
+using F32 = ffi::Buffer<ffi::F32>;
+using I32 = ffi::Buffer<ffi::S32>;
+
+// q (B,T,N,H) and k (B,T,K,H): sizes, row strides, query heads per key/value head, softmax scale
+struct Dims {
+  int B, T, N, H, K, group, ldq, ldk;
+  float scale;
+  Dims(const F32& q, const F32& k) {
+    auto d = q.dimensions();
+    B = static_cast<int>(d[0]), T = static_cast<int>(d[1]), N = static_cast<int>(d[2]);
+    H = static_cast<int>(d[3]), K = static_cast<int>(k.dimensions()[2]);
+    group = N / K, ldq = N * H, ldk = K * H;
+    scale = 1.0f / std::sqrt(static_cast<float>(H));
+  }
+};
+
+// Flash attention, causal within documents (equal segment ids), softmax scale 1/sqrt(H); grouped
+// query heads share key/value head n / (N / K). One task per (batch row, query head) forward and
+// per (batch row, key/value head) backward, so no two tasks write the same gradient rows.
+// q (B,T,N,H), k and v (B,T,K,H), segment_ids (B,T) -> out (B,T,N,H), log-sum-exp (B,N,T)
+ffi::Error Forward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, I32 segments,
+                   ffi::Result<F32> out, ffi::Result<F32> lse) {
+  if (sgemm == nullptr || vexp == nullptr) return ffi::Error::Internal("MKL is not set");
+  const Dims dims(q, k);
+  const float* pq = q.typed_data();
+  const float* pk = k.typed_data();
+  const float* pv = v.typed_data();
+  const int32_t* seg = segments.typed_data();
+  float* po = out->typed_data();
+  float* pl = lse->typed_data();
+  ParallelFor(pool, dims.B * dims.N, [=](int task) {
+    int b = task / dims.N, n = task % dims.N, g = n / dims.group;
+    std::vector<float> s(kBlock * kBlock), acc(kBlock * dims.H), m(kBlock), l(kBlock);
+    const int32_t* sb = seg + b * dims.T;
+    for (int q0 = 0; q0 < dims.T; q0 += kBlock) {
+      int rows = std::min(kBlock, dims.T - q0);
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.0f);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      const float* qb = pq + (static_cast<int64_t>(b) * dims.T + q0) * dims.ldq + n * dims.H;
+      int end = q0 + rows;
+      for (int k0 = 0; k0 < end; k0 += kBlock) {
+        int cols = std::min(kBlock, end - k0);
+        const float* kb = pk + (static_cast<int64_t>(b) * dims.T + k0) * dims.ldk + g * dims.H;
+        const float* vb = pv + (static_cast<int64_t>(b) * dims.T + k0) * dims.ldk + g * dims.H;
+        sgemm(kRowMajor, kNoTrans, kTrans, rows, cols, dims.H, dims.scale, qb, dims.ldq, kb, dims.ldk, 0.0f,
+              s.data(), cols);
+        for (int i = 0; i < rows; ++i) {
+          float* si = s.data() + i * cols;
+          int qi = q0 + i;
+          float row_max = m[i];
+          for (int j = 0; j < cols; ++j) {
+            bool allowed = k0 + j <= qi && sb[k0 + j] == sb[qi];
+            si[j] = allowed ? si[j] : kNegInf;
+            row_max = std::max(row_max, si[j]);
+          }
+          if (row_max == kNegInf) {  // no key of this row allowed yet (another document)
+            std::fill(si, si + cols, 0.0f);
+            continue;
+          }
+          for (int j = 0; j < cols; ++j) si[j] -= row_max;
+          vexp(cols, si, si);
+          float sum = 0.0f;
+          for (int j = 0; j < cols; ++j) sum += si[j];
+          float alpha = m[i] == kNegInf ? 0.0f : std::exp(m[i] - row_max);
+          l[i] = l[i] * alpha + sum;
+          m[i] = row_max;
+          float* ai = acc.data() + i * dims.H;
+          for (int h = 0; h < dims.H; ++h) ai[h] *= alpha;
+        }
+        sgemm(kRowMajor, kNoTrans, kNoTrans, rows, dims.H, cols, 1.0f, s.data(), cols, vb, dims.ldk, 1.0f,
+              acc.data(), dims.H);
+      }
+      float* ob = po + (static_cast<int64_t>(b) * dims.T + q0) * dims.ldq + n * dims.H;
+      float* lb = pl + (static_cast<int64_t>(b) * dims.N + n) * dims.T + q0;
+      for (int i = 0; i < rows; ++i) {
+        float inv = 1.0f / l[i];
+        for (int h = 0; h < dims.H; ++h) ob[i * dims.ldq + h] = acc[i * dims.H + h] * inv;
+        lb[i] = m[i] + std::log(l[i]);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// the forward's inputs, out, lse and d(out) -> dq (dims.B,dims.T,dims.N,dims.H), dk and dv (dims.B,dims.T,dims.K,dims.H)
+ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, I32 segments, F32 out, F32 lse,
+                    F32 d_out, ffi::Result<F32> dq, ffi::Result<F32> dk, ffi::Result<F32> dv) {
+  if (sgemm == nullptr || vexp == nullptr) return ffi::Error::Internal("MKL is not set");
+  const Dims dims(q, k);
+  const float* pq = q.typed_data();
+  const float* pk = k.typed_data();
+  const float* pv = v.typed_data();
+  const float* po = out.typed_data();
+  const float* pl = lse.typed_data();
+  const float* pdo = d_out.typed_data();
+  const int32_t* seg = segments.typed_data();
+  float* pdq = dq->typed_data();
+  float* pdk = dk->typed_data();
+  float* pdv = dv->typed_data();
+  ParallelFor(pool, dims.B * dims.K, [=](int task) {
+    int b = task / dims.K, g = task % dims.K;
+    std::vector<float> p(kBlock * kBlock), dp(kBlock * kBlock), delta(kBlock);
+    const int32_t* sb = seg + b * dims.T;
+    for (int t = 0; t < dims.T; ++t) {
+      float* dkr = pdk + (static_cast<int64_t>(b) * dims.T + t) * dims.ldk + g * dims.H;
+      float* dvr = pdv + (static_cast<int64_t>(b) * dims.T + t) * dims.ldk + g * dims.H;
+      std::fill(dkr, dkr + dims.H, 0.0f);
+      std::fill(dvr, dvr + dims.H, 0.0f);
+    }
+    for (int n = g * dims.group; n < (g + 1) * dims.group; ++n) {
+      for (int q0 = 0; q0 < dims.T; q0 += kBlock) {
+        int rows = std::min(kBlock, dims.T - q0);
+        int64_t row0 = (static_cast<int64_t>(b) * dims.T + q0) * dims.ldq + n * dims.H;
+        const float* qb = pq + row0;
+        const float* ob = po + row0;
+        const float* dob = pdo + row0;
+        float* dqb = pdq + row0;
+        const float* lb = pl + (static_cast<int64_t>(b) * dims.N + n) * dims.T + q0;
+        for (int i = 0; i < rows; ++i) {
+          float sum = 0.0f;
+          for (int h = 0; h < dims.H; ++h) sum += dob[i * dims.ldq + h] * ob[i * dims.ldq + h];
+          delta[i] = sum;
+          std::fill(dqb + i * dims.ldq, dqb + i * dims.ldq + dims.H, 0.0f);
+        }
+        int end = q0 + rows;
+        for (int k0 = 0; k0 < end; k0 += kBlock) {
+          int cols = std::min(kBlock, end - k0);
+          const float* kb = pk + (static_cast<int64_t>(b) * dims.T + k0) * dims.ldk + g * dims.H;
+          const float* vb = pv + (static_cast<int64_t>(b) * dims.T + k0) * dims.ldk + g * dims.H;
+          float* dkb = pdk + (static_cast<int64_t>(b) * dims.T + k0) * dims.ldk + g * dims.H;
+          float* dvb = pdv + (static_cast<int64_t>(b) * dims.T + k0) * dims.ldk + g * dims.H;
+          sgemm(kRowMajor, kNoTrans, kTrans, rows, cols, dims.H, dims.scale, qb, dims.ldq, kb, dims.ldk, 0.0f,
+                p.data(), cols);
+          for (int i = 0; i < rows; ++i) {
+            float* pi = p.data() + i * cols;
+            int qi = q0 + i;
+            for (int j = 0; j < cols; ++j) {
+              bool allowed = k0 + j <= qi && sb[k0 + j] == sb[qi];
+              pi[j] = allowed ? pi[j] - lb[i] : kNegInf;
+            }
+            vexp(cols, pi, pi);
+          }
+          sgemm(kRowMajor, kNoTrans, kTrans, rows, cols, dims.H, 1.0f, dob, dims.ldq, vb, dims.ldk, 0.0f,
+                dp.data(), cols);
+          for (int i = 0; i < rows; ++i) {
+            float* pi = p.data() + i * cols;
+            float* di = dp.data() + i * cols;
+            for (int j = 0; j < cols; ++j) di[j] = pi[j] * (di[j] - delta[i]) * dims.scale;
+          }
+          sgemm(kRowMajor, kTrans, kNoTrans, cols, dims.H, rows, 1.0f, p.data(), cols, dob, dims.ldq, 1.0f,
+                dvb, dims.ldk);
+          sgemm(kRowMajor, kNoTrans, kNoTrans, rows, dims.H, cols, 1.0f, dp.data(), cols, kb, dims.ldk,
+                1.0f, dqb, dims.ldq);
+          sgemm(kRowMajor, kTrans, kNoTrans, cols, dims.H, rows, 1.0f, dp.data(), cols, qb, dims.ldq, 1.0f,
+                dkb, dims.ldk);
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxlmMklGemm, Gemm<ffi::F32>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Matrix>()
+                                  .Arg<F32Matrix>()
+                                  .Ret<F32Matrix>()
+                                  .Attr<bool>("transpose_a")
+                                  .Attr<bool>("transpose_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxlmMklGemmBf16, Gemm<ffi::BF16>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Bf16Matrix>()
+                                  .Arg<Bf16Matrix>()
+                                  .Ret<F32Matrix>()
+                                  .Attr<bool>("transpose_a")
+                                  .Attr<bool>("transpose_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxlmAttentionForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<I32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxlmAttentionBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<I32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>());
