@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from maxlm import mkl
-from maxlm.matmul import Gemm, transposed
+from maxlm.matmul import Gemm, by_mkl, transposed
 
 
 class LossSums(NamedTuple):
@@ -92,11 +92,8 @@ def head_loss(
 
     xs = (chunked(hidden), chunked(targets), chunked(real))
 
-    def by_mkl(x: jax.Array) -> bool:
-        return gemm == "mkl" and x.dtype in mkl.TARGETS
-
     def logits_of(x: jax.Array, w: jax.Array) -> jax.Array:
-        if by_mkl(x):
+        if by_mkl(gemm, x.dtype):
             rows = mkl.gemm(
                 x.reshape(-1, x.shape[-1]), w.astype(x.dtype), transpose_b=vocab_axis == 0
             )
@@ -105,7 +102,7 @@ def head_loss(
 
     def hidden_grad(grad: jax.Array, w: jax.Array) -> jax.Array:
         """d(x) of one chunk, float32 (B,C,D): grad (B,C,V) back through the head."""
-        if by_mkl(grad):
+        if by_mkl(gemm, grad.dtype):
             flat = grad.reshape(-1, grad.shape[-1])
             rows = mkl.gemm(flat, w.astype(grad.dtype), transpose_b=vocab_axis == 1)
             return rows.reshape(*grad.shape[:-1], -1)
@@ -114,7 +111,7 @@ def head_loss(
 
     def head_grad(x: jax.Array, grad: jax.Array) -> jax.Array:
         """d(head) of one chunk, (D,V) whatever the head's layout: x (M,D), grad (M,V)."""
-        if by_mkl(x):
+        if by_mkl(gemm, x.dtype):
             return mkl.gemm(x, grad, transpose_a=True)
         if gemm == "cpu":
             return jnp.matmul(transposed(x), grad, preferred_element_type=jnp.float32)

@@ -50,8 +50,13 @@ def choose_gemm(platform: str, devices: int, requested: Literal["auto", "mkl", "
         return "mkl"
     if requested == "mkl":
         raise ConfigError(f"model.cpu_matmul: mkl: {reason}")
-    logging.getLogger(__name__).info("float32 products by XLA:CPU, not MKL: %s", reason)
+    logging.getLogger(__name__).info("matmuls by XLA:CPU, not MKL: %s", reason)
     return "cpu"
+
+
+def by_mkl(gemm: Gemm, dtype: DTypeLike) -> bool:
+    """Whether a product in `dtype` on this route runs in MKL (float16 stays in XLA:CPU)."""
+    return gemm == "mkl" and jnp.dtype(dtype) in mkl.TARGETS
 
 
 def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -117,7 +122,7 @@ mkl_matmul.defvjp(_mkl_matmul_fwd, _mkl_matmul_bwd)
 
 
 def _product(x: jax.Array, w: jax.Array, out_dtype: DTypeLike, gemm: Gemm) -> jax.Array:
-    if gemm == "mkl" and x.dtype in mkl.TARGETS:
+    if by_mkl(gemm, x.dtype):
         return mkl_matmul(x, w, out_dtype)
     return matmul(x, w, out_dtype)
 

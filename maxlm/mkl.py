@@ -132,6 +132,9 @@ def gemm(
 
 
 def _attention_call(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> Any:
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"maxlm.mkl.attention: {reason}")
     batch, length, heads, _ = q.shape
     shapes = (
         jax.ShapeDtypeStruct(q.shape, jnp.float32),
@@ -147,9 +150,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) 
     k, v (B,T,K,H) with N a multiple of K; scale 1/sqrt(H). What `maxlm.attention.attend`'s xla
     path computes, without the (B,N,T,S) probabilities: the backward pass recomputes them
     block by block from each row's log-sum-exp."""
-    reason = unavailable_reason()
-    if reason is not None:
-        raise RuntimeError(f"maxlm.mkl.attention: {reason}")
     return _attention_call(q, k, v, segment_ids)[0]
 
 
