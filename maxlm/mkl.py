@@ -61,12 +61,14 @@ def library_path() -> Path | None:
 
 
 def compiled_handler() -> Path:
-    """The handler's shared object, built once per source and jaxlib version."""
+    """The handler's shared object, built once per source, jaxlib version and compiler command."""
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} to build {SOURCE.name} (set CXX)")
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + jaxlib.__version__.encode() + compiler.encode()).hexdigest()
+    flags = ["-O3", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w"]
+    command = [compiler, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE)]
+    key = hashlib.sha256(source + " ".join([jaxlib.__version__, *command]).encode()).hexdigest()
     cache = Path(os.environ.get("MAXLM_KERNEL_CACHE", CACHE_DIR)).expanduser()
     built = cache / f"mkl_kernels-{key[:16]}.so"
     if built.exists():
@@ -74,11 +76,7 @@ def compiled_handler() -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as scratch:
         partial = Path(scratch) / built.name
-        command = [
-            compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-w",
-            f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(partial),
-        ]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run([*command, "-o", str(partial)], capture_output=True, text=True)
         if result.returncode:
             raise RuntimeError(f"building {SOURCE.name} failed:\n{result.stderr[-2000:]}")
         os.replace(partial, built)  # atomic: concurrent processes may build it too

@@ -114,7 +114,11 @@ ffi::Error Gemm(ffi::ThreadPool pool, Matrix<T> a, Matrix<T> b, ffi::Result<F32M
   return ffi::Error::Success();
 }
 
-constexpr int kBlock = 128;  // attention tiles: queries and keys
+// Attention tiles: forward, 64 queries against up to 512 keys (a sequence of up to 512 needs no
+// online rescaling); backward, 64 keys against up to 512 queries, so the products into d(k) and
+// d(v) contract over many queries. Narrow tiles waste little on the causal diagonal; the long
+// side keeps MKL's products large enough to run near full speed (benchmarks/NOTES.md, change 18).
+constexpr int kQueryBlock = 64, kKeyBlock = 512, kKeyTile = 64;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // f(0) ... f(tasks - 1) on the caller and the pool's threads, each task taken by the first free one
@@ -140,6 +144,22 @@ void ParallelFor(ffi::ThreadPool& pool, int tasks, F f) {
   worker();
   std::unique_lock<std::mutex> lock(state->mutex);
   state->finished.wait(lock, [&] { return state->done.load() == tasks; });
+}
+
+// Keys k0 .. k0 + cols of query `query` left of the causal diagonal: the row's width (<= 0: none)
+inline int CausalWidth(int query, int k0, int cols) { return std::min(cols, query - k0 + 1); }
+
+// Row `scores` of a block, its first `width` keys (segment ids `keys`): minus `shift` where the
+// key is in the query's document `segment`, -inf elsewhere. Returns the row's maximum.
+inline float MaskRow(float* scores, int width, const int32_t* keys, int32_t segment, float shift) {
+  float row_max = kNegInf;
+#pragma omp simd reduction(max : row_max)
+  for (int j = 0; j < width; ++j) {
+    float value = keys[j] == segment ? scores[j] - shift : kNegInf;
+    scores[j] = value;
+    row_max = std::max(row_max, value);
+  }
+  return row_max;
 }
 
 using F32 = ffi::Buffer<ffi::F32>;
@@ -174,46 +194,47 @@ ffi::Error Forward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, I32 segments,
   float* pl = lse->typed_data();
   ParallelFor(pool, dims.B * dims.N, [=](int task) {
     int b = task / dims.N, n = task % dims.N, g = n / dims.group;
-    std::vector<float> s(kBlock * kBlock), acc(kBlock * dims.H), m(kBlock), l(kBlock);
+    std::vector<float> s(kQueryBlock * kKeyBlock), acc(kQueryBlock * dims.H);
+    std::vector<float> m(kQueryBlock), l(kQueryBlock);
     const int32_t* sb = seg + b * dims.T;
-    for (int q0 = 0; q0 < dims.T; q0 += kBlock) {
-      int rows = std::min(kBlock, dims.T - q0);
+    for (int q0 = 0; q0 < dims.T; q0 += kQueryBlock) {
+      int rows = std::min(kQueryBlock, dims.T - q0);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.0f);
       std::fill(acc.begin(), acc.end(), 0.0f);
       const float* qb = pq + (static_cast<int64_t>(b) * dims.T + q0) * dims.ldq + n * dims.H;
       int end = q0 + rows;
-      for (int k0 = 0; k0 < end; k0 += kBlock) {
-        int cols = std::min(kBlock, end - k0);
+      for (int k0 = 0; k0 < end; k0 += kKeyBlock) {
+        int cols = std::min(kKeyBlock, end - k0);
         const float* kb = pk + (static_cast<int64_t>(b) * dims.T + k0) * dims.ldk + g * dims.H;
         const float* vb = pv + (static_cast<int64_t>(b) * dims.T + k0) * dims.ldk + g * dims.H;
-        sgemm(kRowMajor, kNoTrans, kTrans, rows, cols, dims.H, dims.scale, qb, dims.ldq, kb, dims.ldk, 0.0f,
-              s.data(), cols);
+        sgemm(kRowMajor, kNoTrans, kTrans, rows, cols, dims.H, dims.scale, qb, dims.ldq, kb,
+              dims.ldk, 0.0f, s.data(), cols);
         for (int i = 0; i < rows; ++i) {
           float* si = s.data() + i * cols;
-          int qi = q0 + i;
-          float row_max = m[i];
-          for (int j = 0; j < cols; ++j) {
-            bool allowed = k0 + j <= qi && sb[k0 + j] == sb[qi];
-            si[j] = allowed ? si[j] : kNegInf;
-            row_max = std::max(row_max, si[j]);
-          }
+          int width = CausalWidth(q0 + i, k0, cols);
+          float row_max = MaskRow(si, width, sb + k0, sb[q0 + i], 0.0f);
           if (row_max == kNegInf) {  // no key of this row allowed yet (another document)
             std::fill(si, si + cols, 0.0f);
             continue;
           }
-          for (int j = 0; j < cols; ++j) si[j] -= row_max;
-          vexp(cols, si, si);
+#pragma omp simd
+          for (int j = 0; j < width; ++j) si[j] -= row_max;
+          vexp(width, si, si);
+          std::fill(si + width, si + cols, 0.0f);
           float sum = 0.0f;
-          for (int j = 0; j < cols; ++j) sum += si[j];
+#pragma omp simd reduction(+ : sum)
+          for (int j = 0; j < width; ++j) sum += si[j];
           float alpha = m[i] == kNegInf ? 0.0f : std::exp(m[i] - row_max);
           l[i] = l[i] * alpha + sum;
           m[i] = row_max;
-          float* ai = acc.data() + i * dims.H;
-          for (int h = 0; h < dims.H; ++h) ai[h] *= alpha;
+          if (alpha != 1.0f) {
+            float* ai = acc.data() + i * dims.H;
+            for (int h = 0; h < dims.H; ++h) ai[h] *= alpha;
+          }
         }
-        sgemm(kRowMajor, kNoTrans, kNoTrans, rows, dims.H, cols, 1.0f, s.data(), cols, vb, dims.ldk, 1.0f,
-              acc.data(), dims.H);
+        sgemm(kRowMajor, kNoTrans, kNoTrans, rows, dims.H, cols, 1.0f, s.data(), cols, vb,
+              dims.ldk, 1.0f, acc.data(), dims.H);
       }
       float* ob = po + (static_cast<int64_t>(b) * dims.T + q0) * dims.ldq + n * dims.H;
       float* lb = pl + (static_cast<int64_t>(b) * dims.N + n) * dims.T + q0;
@@ -244,7 +265,7 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, I32 segments, F32
   float* pdv = dv->typed_data();
   ParallelFor(pool, dims.B * dims.K, [=](int task) {
     int b = task / dims.K, g = task % dims.K;
-    std::vector<float> p(kBlock * kBlock), dp(kBlock * kBlock), delta(kBlock);
+    std::vector<float> p(kKeyBlock * kKeyTile), dp(kKeyBlock * kKeyTile), delta(dims.T);
     const int32_t* sb = seg + b * dims.T;
     for (int t = 0; t < dims.T; ++t) {
       float* dkr = pdk + (static_cast<int64_t>(b) * dims.T + t) * dims.ldk + g * dims.H;
@@ -253,51 +274,49 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, I32 segments, F32
       std::fill(dvr, dvr + dims.H, 0.0f);
     }
     for (int n = g * dims.group; n < (g + 1) * dims.group; ++n) {
-      for (int q0 = 0; q0 < dims.T; q0 += kBlock) {
-        int rows = std::min(kBlock, dims.T - q0);
-        int64_t row0 = (static_cast<int64_t>(b) * dims.T + q0) * dims.ldq + n * dims.H;
-        const float* qb = pq + row0;
-        const float* ob = po + row0;
-        const float* dob = pdo + row0;
-        float* dqb = pdq + row0;
-        const float* lb = pl + (static_cast<int64_t>(b) * dims.N + n) * dims.T + q0;
-        for (int i = 0; i < rows; ++i) {
-          float sum = 0.0f;
-          for (int h = 0; h < dims.H; ++h) sum += dob[i * dims.ldq + h] * ob[i * dims.ldq + h];
-          delta[i] = sum;
-          std::fill(dqb + i * dims.ldq, dqb + i * dims.ldq + dims.H, 0.0f);
-        }
-        int end = q0 + rows;
-        for (int k0 = 0; k0 < end; k0 += kBlock) {
-          int cols = std::min(kBlock, end - k0);
-          const float* kb = pk + (static_cast<int64_t>(b) * dims.T + k0) * dims.ldk + g * dims.H;
-          const float* vb = pv + (static_cast<int64_t>(b) * dims.T + k0) * dims.ldk + g * dims.H;
-          float* dkb = pdk + (static_cast<int64_t>(b) * dims.T + k0) * dims.ldk + g * dims.H;
-          float* dvb = pdv + (static_cast<int64_t>(b) * dims.T + k0) * dims.ldk + g * dims.H;
-          sgemm(kRowMajor, kNoTrans, kTrans, rows, cols, dims.H, dims.scale, qb, dims.ldq, kb, dims.ldk, 0.0f,
-                p.data(), cols);
-          for (int i = 0; i < rows; ++i) {
-            float* pi = p.data() + i * cols;
-            int qi = q0 + i;
-            for (int j = 0; j < cols; ++j) {
-              bool allowed = k0 + j <= qi && sb[k0 + j] == sb[qi];
-              pi[j] = allowed ? pi[j] - lb[i] : kNegInf;
-            }
-            vexp(cols, pi, pi);
-          }
-          sgemm(kRowMajor, kNoTrans, kTrans, rows, cols, dims.H, 1.0f, dob, dims.ldq, vb, dims.ldk, 0.0f,
-                dp.data(), cols);
+      int64_t head0 = static_cast<int64_t>(b) * dims.T * dims.ldq + n * dims.H;
+      const float* lb = pl + (static_cast<int64_t>(b) * dims.N + n) * dims.T;
+      for (int t = 0; t < dims.T; ++t) {
+        const float* doi = pdo + head0 + t * dims.ldq;
+        const float* oi = po + head0 + t * dims.ldq;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int h = 0; h < dims.H; ++h) sum += doi[h] * oi[h];
+        delta[t] = sum;
+        std::fill(pdq + head0 + t * dims.ldq, pdq + head0 + t * dims.ldq + dims.H, 0.0f);
+      }
+      // key tiles outer, so the products into d(k) and d(v) contract over many queries
+      for (int k0 = 0; k0 < dims.T; k0 += kKeyTile) {
+        int cols = std::min(kKeyTile, dims.T - k0);
+        int64_t key0 = (static_cast<int64_t>(b) * dims.T + k0) * dims.ldk + g * dims.H;
+        const float* kb = pk + key0;
+        const float* vb = pv + key0;
+        for (int q0 = k0; q0 < dims.T; q0 += kKeyBlock) {
+          int rows = std::min(kKeyBlock, dims.T - q0);
+          const float* qb = pq + head0 + static_cast<int64_t>(q0) * dims.ldq;
+          const float* dob = pdo + head0 + static_cast<int64_t>(q0) * dims.ldq;
+          float* dqb = pdq + head0 + static_cast<int64_t>(q0) * dims.ldq;
+          sgemm(kRowMajor, kNoTrans, kTrans, rows, cols, dims.H, dims.scale, qb, dims.ldq, kb,
+                dims.ldk, 0.0f, p.data(), cols);
+          sgemm(kRowMajor, kNoTrans, kTrans, rows, cols, dims.H, 1.0f, dob, dims.ldq, vb,
+                dims.ldk, 0.0f, dp.data(), cols);
           for (int i = 0; i < rows; ++i) {
             float* pi = p.data() + i * cols;
             float* di = dp.data() + i * cols;
-            for (int j = 0; j < cols; ++j) di[j] = pi[j] * (di[j] - delta[i]) * dims.scale;
+            int width = CausalWidth(q0 + i, k0, cols);
+            MaskRow(pi, width, sb + k0, sb[q0 + i], lb[q0 + i]);
+            vexp(width, pi, pi);
+            std::fill(pi + width, pi + cols, 0.0f);
+            float shift = delta[q0 + i], scale = dims.scale;
+#pragma omp simd
+            for (int j = 0; j < cols; ++j) di[j] = pi[j] * (di[j] - shift) * scale;
           }
-          sgemm(kRowMajor, kTrans, kNoTrans, cols, dims.H, rows, 1.0f, p.data(), cols, dob, dims.ldq, 1.0f,
-                dvb, dims.ldk);
-          sgemm(kRowMajor, kNoTrans, kNoTrans, rows, dims.H, cols, 1.0f, dp.data(), cols, kb, dims.ldk,
-                1.0f, dqb, dims.ldq);
-          sgemm(kRowMajor, kTrans, kNoTrans, cols, dims.H, rows, 1.0f, dp.data(), cols, qb, dims.ldq, 1.0f,
-                dkb, dims.ldk);
+          sgemm(kRowMajor, kTrans, kNoTrans, cols, dims.H, rows, 1.0f, p.data(), cols, dob,
+                dims.ldq, 1.0f, pdv + key0, dims.ldk);
+          sgemm(kRowMajor, kTrans, kNoTrans, cols, dims.H, rows, 1.0f, dp.data(), cols, qb,
+                dims.ldq, 1.0f, pdk + key0, dims.ldk);
+          sgemm(kRowMajor, kNoTrans, kNoTrans, rows, dims.H, cols, 1.0f, dp.data(), cols, kb,
+                dims.ldk, 1.0f, dqb, dims.ldq);
         }
       }
     }

@@ -121,21 +121,25 @@ def test_train_steps_with_mkl_equal_xla(tie_embeddings, dtype):
 
 
 @needs_mkl
-def test_attention_equals_xla_attention():
+@pytest.mark.parametrize(
+    ("length", "second_document", "padding"), [(300, 130, 280), (1100, 600, 1050)]
+)
+def test_attention_equals_xla_attention(length: int, second_document: int, padding: int):
     """maxlm.mkl.attention against the xla path of attention.attend, output and gradients:
-    grouped query heads, packed documents with padding, a length that is not a multiple of the
-    128-row tiles, and a document starting at 130 so that later query rows meet a whole key
-    tile of another document (no allowed key yet: that row's running max is still -inf)."""
+    grouped query heads, packed documents with padding, lengths that are not multiples of the
+    64-row tiles. At 1100 the forward pass runs over three 512-key blocks: the first document's
+    late rows rescale their running softmax, and the second document's rows meet a whole key
+    block with no allowed key (their running max is still -inf)."""
     rng = np.random.default_rng(0)
-    batch, length, heads, kv_heads, head_dim = 2, 300, 4, 2, 16
+    batch, heads, kv_heads, head_dim = 2, 4, 2, 16
     q = jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), jnp.float32)
     k, v = (
         jnp.asarray(rng.normal(size=(batch, length, kv_heads, head_dim)), jnp.float32)
         for _ in range(2)
     )
     segments = np.ones((batch, length), np.int32)
-    segments[:, 130:] = 2
-    segments[0, 280:] = 0  # padding
+    segments[:, second_document:] = 2
+    segments[0, padding:] = 0
     segments = jnp.asarray(segments)
     weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
 
