@@ -109,13 +109,14 @@ def head_loss(
         spec = "BCV,DV->BCD" if vocab_axis == 1 else "BCV,VD->BCD"
         return jnp.einsum(spec, grad, w.astype(grad.dtype), preferred_element_type=jnp.float32)
 
-    def head_grad(x: jax.Array, grad: jax.Array) -> jax.Array:
-        """d(head) of one chunk, (D,V) whatever the head's layout: x (M,D), grad (M,V)."""
+    def add_head_grad(total: jax.Array, x: jax.Array, grad: jax.Array) -> jax.Array:
+        """`total` plus d(head) of one chunk, (D,V) whatever the head's layout: x (M,D), grad
+        (M,V). MKL adds into `total` in place."""
         if by_mkl(gemm, x.dtype):
-            return mkl.gemm(x, grad, transpose_a=True)
+            return mkl.gemm(x, grad, transpose_a=True, add=total)
         if gemm == "cpu":
-            return jnp.matmul(transposed(x), grad, preferred_element_type=jnp.float32)
-        return jnp.einsum("MD,MV->DV", x, grad, preferred_element_type=jnp.float32)
+            return total + jnp.matmul(transposed(x), grad, preferred_element_type=jnp.float32)
+        return total + jnp.einsum("MD,MV->DV", x, grad, preferred_element_type=jnp.float32)
 
     def stats(logits: jax.Array, target: jax.Array, mask: jax.Array) -> tuple[jax.Array, ...]:
         log_z = jax.nn.logsumexp(logits, axis=-1)
@@ -142,7 +143,7 @@ def head_loss(
             grad = jnp.where(mask[..., None], grad, 0.0).astype(x.dtype)
             grad_x = hidden_grad(grad, w)
             rows = x.shape[0] * x.shape[1]
-            grad_w = grad_w + head_grad(x.reshape(rows, -1), grad.reshape(rows, -1))
+            grad_w = add_head_grad(grad_w, x.reshape(rows, -1), grad.reshape(rows, -1))
             return (grad_w, ce_sum + cross_entropy, z_sum + z_loss), grad_x.astype(x.dtype)
 
         zero = jnp.zeros((), jnp.float32)

@@ -11,8 +11,9 @@ transposed by the forward pass), every dot accumulates in float32, and results a
 afterwards (measurements: benchmarks/NOTES.md). `project` runs projections that share an input
 (q/k/v, gate/up) as one such product, so the input is kept and transposed once. Where Intel MKL
 is installed, float32 and bfloat16 products on a one-device CPU mesh go to MKL instead
-(`maxlm.mkl`), which takes transposed operands as they are. Other platforms use plain dots:
-their compilers choose layouts well, and a barrier would only cost a copy.
+(`maxlm.mkl`), which takes transposed operands as they are and runs `project`'s products one
+per kernel. Other platforms use plain dots: their compilers choose layouts well, and a barrier
+would only cost a copy.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import itertools
 import logging
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -99,8 +100,14 @@ matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def mkl_matmul(x: jax.Array, w: jax.Array, out_dtype: DTypeLike) -> jax.Array:
-    """`matmul` by MKL (float32 or bfloat16 x); the backward pass reads x and w untransposed."""
-    return mkl.gemm(x, w.astype(x.dtype)).astype(out_dtype)
+    """`matmul` by MKL (float32 or bfloat16 x), w of any shape that reshapes to (K,N). The
+    backward pass reads x and w untransposed; w is kept as given (a layer's slice of the
+    scanned parameters, not a reshaped or cast copy stacked per layer)."""
+    return mkl.gemm(x, _as_matrix(w, x)).astype(out_dtype)
+
+
+def _as_matrix(w: jax.Array, x: jax.Array) -> jax.Array:
+    return w.reshape(x.shape[-1], -1).astype(x.dtype)
 
 
 def _mkl_matmul_fwd(
@@ -114,17 +121,19 @@ def _mkl_matmul_bwd(
 ) -> tuple[jax.Array, jax.Array]:
     x, w = residuals
     grad = grad.astype(x.dtype)
-    grad_x = mkl.gemm(grad, w.astype(x.dtype), transpose_b=True).astype(x.dtype)
-    return grad_x, mkl.gemm(x, grad, transpose_a=True).astype(w.dtype)
+    grad_x = mkl.gemm(grad, _as_matrix(w, x), transpose_b=True).astype(x.dtype)
+    grad_w = mkl.gemm(x, grad, transpose_a=True).reshape(w.shape).astype(w.dtype)
+    return grad_x, grad_w
 
 
 mkl_matmul.defvjp(_mkl_matmul_fwd, _mkl_matmul_bwd)
 
 
 def _product(x: jax.Array, w: jax.Array, out_dtype: DTypeLike, gemm: Gemm) -> jax.Array:
+    """x (M,K) @ w (reshaped to (K,N))."""
     if by_mkl(gemm, x.dtype):
         return mkl_matmul(x, w, out_dtype)
-    return matmul(x, w, out_dtype)
+    return matmul(x, w.reshape(x.shape[1], -1), out_dtype)
 
 
 def einsum(spec: str, x: jax.Array, w: jax.Array, out_dtype: DTypeLike, *, gemm: Gemm) -> jax.Array:
@@ -142,7 +151,7 @@ def einsum(spec: str, x: jax.Array, w: jax.Array, out_dtype: DTypeLike, *, gemm:
     ):
         raise ValueError(f"einsum {spec!r} is not of the form ...K,KN->...N")
     x2 = x.reshape(-1, math.prod(w.shape[:contracted]))
-    y2 = _product(x2, w.reshape(x2.shape[1], -1), out_dtype, gemm)
+    y2 = _product(x2, w, out_dtype, gemm)
     return y2.reshape(*x.shape[: x.ndim - contracted], *w.shape[contracted:])
 
 
@@ -158,13 +167,49 @@ def project(
             jnp.tensordot(x, kernel.astype(x.dtype), axes=1, preferred_element_type=out_dtype)
             for kernel in kernels
         ]
-    columns = [kernel.reshape(kernel.shape[0], -1) for kernel in kernels]
-    y = _product(x.reshape(-1, x.shape[-1]), jnp.concatenate(columns, axis=1), out_dtype, gemm)
-    ends = tuple(itertools.accumulate(c.shape[1] for c in columns))
+    x2 = x.reshape(-1, x.shape[-1])
+    parts: Sequence[jax.Array]
+    if by_mkl(gemm, x.dtype):
+        parts = mkl_project(x2, tuple(kernels), out_dtype)
+    else:
+        columns = [kernel.reshape(kernel.shape[0], -1) for kernel in kernels]
+        y = _product(x2, jnp.concatenate(columns, axis=1), out_dtype, gemm)
+        parts = _split_columns(y, tuple(itertools.accumulate(c.shape[1] for c in columns)))
     return [
         part.reshape(*x.shape[:-1], *kernel.shape[1:])
-        for part, kernel in zip(_split_columns(y, ends), kernels, strict=True)
+        for part, kernel in zip(parts, kernels, strict=True)
     ]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def mkl_project(
+    x: jax.Array, kernels: tuple[jax.Array, ...], out_dtype: DTypeLike
+) -> tuple[jax.Array, ...]:
+    """x (M,K) @ each kernel (K, ...) by MKL -> (M, N_i), x and the kernels (as given) saved
+    once. No kernels side by side: MKL needs no single product to be fast, and concatenating
+    the kernels, their gradients and the outputs' gradients cost copies (benchmarks/NOTES.md,
+    change 19)."""
+    return tuple(mkl.gemm(x, _as_matrix(w, x)).astype(out_dtype) for w in kernels)
+
+
+def _mkl_project_fwd(x: jax.Array, kernels: tuple[jax.Array, ...], out_dtype: DTypeLike) -> Any:
+    return mkl_project(x, kernels, out_dtype), (x, kernels)
+
+
+def _mkl_project_bwd(out_dtype: DTypeLike, residuals: Any, grads: tuple[jax.Array, ...]) -> Any:
+    x, kernels = residuals
+    terms = [(g.astype(x.dtype), _as_matrix(w, x)) for g, w in zip(grads, kernels, strict=True)]
+    grad_x = mkl.gemm(*terms[0], transpose_b=True)
+    for grad, w in terms[1:]:
+        grad_x = mkl.gemm(grad, w, transpose_b=True, add=grad_x)
+    grad_kernels = tuple(
+        mkl.gemm(x, grad, transpose_a=True).reshape(w.shape).astype(w.dtype)
+        for (grad, _), w in zip(terms, kernels, strict=True)
+    )
+    return grad_x.astype(x.dtype), grad_kernels
+
+
+mkl_project.defvjp(_mkl_project_fwd, _mkl_project_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))

@@ -21,8 +21,9 @@ F = mlp_dim, S = seq_len, c = compute-dtype bytes:
   remat dots_saveable  minimal + 4 N S + c Q      also xla attention's float32 QK^T and its PV
 
 Remat none also keeps weight copies per layer: the compute-dtype cast of every block weight when
-it differs from the parameter dtype, or on CPU every block weight but down_proj's (the q/k/v and
-gate/up kernels side by side, o_proj's reshaped). Outside the layers:
+it differs from the parameter dtype, or on XLA:CPU's route every block weight but down_proj's (the
+q/k/v and gate/up kernels side by side, o_proj's reshaped); MKL's products keep the weights as
+they are (none). Outside the layers:
 the final norm (c D + 4), the fused head's d(hidden) (c D) and RoPE tables (4 H; 8 H without
 remat); with train.loss_chunk=0 the plain head also keeps its float32 (B,T,V) logits (4 V).
 Heads, kv heads, mlp and vocab divide by their tensor-parallel split, tokens by the data-parallel
@@ -221,20 +222,36 @@ def outside_layers_bytes(w: Widths, remat: str, c: int, loss_chunk: int) -> floa
     return c * w.d + 4 + head + rope
 
 
-def weight_copies(cfg: Config, params: list[Param], ways: list[int], c: int, cpu: bool) -> float:
-    """Bytes per device of the weight copies kept for the backward pass (module docstring)."""
+def weight_copies(
+    cfg: Config, params: list[Param], ways: list[int], c: int, route: matmul.Gemm
+) -> float:
+    """Bytes per device of the weight copies kept for the backward pass (module docstring);
+    `route` is `matmul_route`'s."""
     m = cfg.model
     p = DTYPE_BYTES[m.param_dtype]
-    none = m.remat == "none"
+    if m.remat != "none" or route == "mkl":
+        return 0.0
     total = 0.0
     for param, split in zip(params, ways, strict=True):
-        matmul = param.path.startswith("layers.") and param.path.endswith("kernel")
-        if none and matmul and cpu and ".down_proj." not in param.path:
+        if not (param.path.startswith("layers.") and param.path.endswith("kernel")):
+            continue
+        if route == "cpu" and ".down_proj." not in param.path:
             # maxlm.matmul keeps the weight reshaped to 2-D or concatenated (down_proj is as is)
             total += param.size * p / split
-        elif none and matmul and not cpu and p != c:
+        elif route == "dot" and p != c:
             total += param.size * c / split  # the einsum keeps the weight cast to compute dtype
     return total
+
+
+def matmul_route(cfg: Config, platform: str, devices: int) -> matmul.Gemm:
+    """How the layers' products run (`maxlm.matmul.Gemm`): "mkl" only where MKL takes the
+    compute dtype (float16 runs the "cpu" route)."""
+    m = cfg.model
+    route = matmul.choose_gemm(platform, devices, m.cpu_matmul)
+    dtype = "float32" if m.dtype == "auto" and platform == "cpu" else m.dtype
+    if route == "mkl" and not matmul.by_mkl(route, dtype):
+        return "cpu"
+    return route
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,7 +278,7 @@ def attention_path(cfg: Config, platform: str, devices: int) -> str:
     """`model.attention` as the step runs it: "mkl" where `maxlm.mkl.attention` takes the xla
     path's place (float32 compute with MKL on a one-device CPU mesh)."""
     m = cfg.model
-    by_mkl = matmul.choose_gemm(platform, devices, m.cpu_matmul) == "mkl"
+    by_mkl = matmul_route(cfg, platform, devices) == "mkl"
     if m.attention == "xla" and by_mkl and compute_bytes(m.dtype, platform) == 4:
         return "mkl"
     return m.attention
@@ -293,6 +310,7 @@ def per_device(cfg: Config, mesh: MeshShape, platform: str) -> Memory:
     rows = train.micro_batch_size / _axes_size(rules.get("act_batch"), mesh)
     tokens = rows * train.seq_len
     w = widths(cfg, mesh)
+    route = matmul_route(cfg, platform, math.prod(mesh.values()))
     attention = attention_path(cfg, platform, math.prod(mesh.values()))
     per_token = m.num_layers * layer_bytes(w, m.remat, kept, cpu, attention)
     per_token += outside_layers_bytes(w, m.remat, kept, train.loss_chunk_size)
@@ -302,7 +320,7 @@ def per_device(cfg: Config, mesh: MeshShape, platform: str) -> Memory:
         params=elements * p,
         gradients=elements * (p + (4 if train.grad_accum_steps > 1 else 0)),
         optimizer=optimizer,
-        saved=tokens * per_token + weight_copies(cfg, params, ways, c, cpu),
+        saved=tokens * per_token + weight_copies(cfg, params, ways, c, route),
         working=max(_head_working(cfg, w, rows, c), layer),
         rows=rows,
     )

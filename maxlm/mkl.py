@@ -32,9 +32,12 @@ import jaxlib
 
 SOURCE = Path(__file__).with_name("mkl_kernels.cc")
 TARGETS = {jnp.dtype(jnp.float32): "maxlm_mkl_gemm", jnp.dtype(jnp.bfloat16): "maxlm_mkl_gemm_bf16"}
+ADD_SUFFIX = "_add"  # the same product plus an addend, updated in place
 HANDLERS = {  # custom-call target -> symbol in mkl_kernels.cc
     "maxlm_mkl_gemm": "MaxlmMklGemm",
     "maxlm_mkl_gemm_bf16": "MaxlmMklGemmBf16",
+    "maxlm_mkl_gemm_add": "MaxlmMklGemmAdd",
+    "maxlm_mkl_gemm_bf16_add": "MaxlmMklGemmAddBf16",
     "maxlm_mkl_attention": "MaxlmAttentionForward",
     "maxlm_mkl_attention_grad": "MaxlmAttentionBackward",
 }
@@ -108,10 +111,17 @@ def unavailable_reason() -> str | None:
 
 
 def gemm(
-    a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b: bool = False
+    a: jax.Array,
+    b: jax.Array,
+    *,
+    transpose_a: bool = False,
+    transpose_b: bool = False,
+    add: jax.Array | None = None,
 ) -> jax.Array:
     """op(a) @ op(b) in float32 for float32 or bfloat16 matrices (both alike), op transposing
-    where asked, by MKL on XLA:CPU."""
+    where asked, by MKL on XLA:CPU. With `add` (float32, the product's shape) the result is
+    `add` plus the product, written over `add`'s buffer where XLA can give it up (a running
+    sum: no separate pass to add)."""
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"maxlm.mkl.gemm: {reason}")
@@ -123,10 +133,20 @@ def gemm(
     k_b, n = b.shape[::-1] if transpose_b else b.shape
     if k != k_b:
         raise ValueError(f"maxlm.mkl.gemm: contracted sizes differ ({k} and {k_b})")
+    result = jax.ShapeDtypeStruct((m, n), jnp.float32)
+    if add is None:
+        call = jax.ffi.ffi_call(TARGETS[a.dtype], result, vmap_method="sequential")
+        return call(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+    if add.shape != result.shape or add.dtype != jnp.float32:
+        raise ValueError(f"maxlm.mkl.gemm: add must be float32{result.shape}, "
+                         f"got {add.dtype}{add.shape}")  # fmt: skip
     call = jax.ffi.ffi_call(
-        TARGETS[a.dtype], jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
+        TARGETS[a.dtype] + ADD_SUFFIX,
+        result,
+        vmap_method="sequential",
+        input_output_aliases={2: 0},
     )
-    return call(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+    return call(a, b, add, transpose_a=transpose_a, transpose_b=transpose_b)
 
 
 def _attention_call(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> Any:

@@ -54,9 +54,10 @@ struct Blocks {
   }
 };
 
+// c = op(a) @ op(b) + beta * c, op transposing where asked; c is (m, n) float32
 template <ffi::DataType T>
-ffi::Error Gemm(ffi::ThreadPool pool, Matrix<T> a, Matrix<T> b, ffi::Result<F32Matrix> c,
-                bool transpose_a, bool transpose_b) {
+ffi::Error Product(ffi::ThreadPool& pool, Matrix<T> a, Matrix<T> b, float* pc, float beta,
+                   bool transpose_a, bool transpose_b) {
   GemmFn gemm = T == ffi::DataType::F32 ? sgemm : bf16_gemm;
   if (gemm == nullptr) return ffi::Error::Internal("maxlm_mkl_gemm: MKL's gemm is not set");
   using Element = ffi::NativeType<T>;
@@ -72,7 +73,6 @@ ffi::Error Gemm(ffi::ThreadPool pool, Matrix<T> a, Matrix<T> b, ffi::Result<F32M
   int ldc = static_cast<int>(n);
   const Element* pa = a.typed_data();
   const Element* pb = b.typed_data();
-  float* pc = c->typed_data();
   int op_a = transpose_a ? kTrans : kNoTrans, op_b = transpose_b ? kTrans : kNoTrans;
 
   bool by_rows = m >= n;
@@ -87,11 +87,11 @@ ffi::Error Gemm(ffi::ThreadPool pool, Matrix<T> a, Matrix<T> b, ffi::Result<F32M
     if (by_rows) {
       const Element* rows = transpose_a ? pa + lo : pa + lo * lda;
       gemm(kRowMajor, op_a, op_b, size, static_cast<int>(n), static_cast<int>(k), 1.0f, rows,
-            lda, pb, ldb, 0.0f, pc + lo * ldc, ldc);
+            lda, pb, ldb, beta, pc + lo * ldc, ldc);
     } else {
       const Element* cols = transpose_b ? pb + lo * ldb : pb + lo;
       gemm(kRowMajor, op_a, op_b, static_cast<int>(m), size, static_cast<int>(k), 1.0f, pa,
-            lda, cols, ldb, 0.0f, pc + lo, ldc);
+            lda, cols, ldb, beta, pc + lo, ldc);
     }
   };
   if (parts == 1) {
@@ -112,6 +112,27 @@ ffi::Error Gemm(ffi::ThreadPool pool, Matrix<T> a, Matrix<T> b, ffi::Result<F32M
   std::unique_lock<std::mutex> lock(blocks->mutex);
   blocks->finished.wait(lock, [&] { return blocks->left.load() == 0; });
   return ffi::Error::Success();
+}
+
+template <ffi::DataType T>
+ffi::Error Gemm(ffi::ThreadPool pool, Matrix<T> a, Matrix<T> b, ffi::Result<F32Matrix> c,
+                bool transpose_a, bool transpose_b) {
+  return Product<T>(pool, a, b, c->typed_data(), 0.0f, transpose_a, transpose_b);
+}
+
+// c = op(a) @ op(b) + addend; the result aliases the addend (maxlm/mkl.py), so a running sum
+// is updated in place
+template <ffi::DataType T>
+ffi::Error GemmAdd(ffi::ThreadPool pool, Matrix<T> a, Matrix<T> b, F32Matrix addend,
+                   ffi::Result<F32Matrix> c, bool transpose_a, bool transpose_b) {
+  if (addend.element_count() != c->element_count()) {
+    return ffi::Error::InvalidArgument("maxlm_mkl_gemm_add: the addend's shape differs");
+  }
+  float* pc = c->typed_data();
+  if (pc != addend.typed_data()) {  // XLA gave the result a buffer of its own after all
+    std::copy_n(addend.typed_data(), addend.element_count(), pc);
+  }
+  return Product<T>(pool, a, b, pc, 1.0f, transpose_a, transpose_b);
 }
 
 // Attention tiles: forward, 64 queries against up to 512 keys (a sequence of up to 512 needs no
@@ -340,6 +361,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxlmMklGemmBf16, Gemm<ffi::BF16>,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<Bf16Matrix>()
                                   .Arg<Bf16Matrix>()
+                                  .Ret<F32Matrix>()
+                                  .Attr<bool>("transpose_a")
+                                  .Attr<bool>("transpose_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxlmMklGemmAdd, GemmAdd<ffi::F32>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Matrix>()
+                                  .Arg<F32Matrix>()
+                                  .Arg<F32Matrix>()
+                                  .Ret<F32Matrix>()
+                                  .Attr<bool>("transpose_a")
+                                  .Attr<bool>("transpose_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxlmMklGemmAddBf16, GemmAdd<ffi::BF16>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Bf16Matrix>()
+                                  .Arg<Bf16Matrix>()
+                                  .Arg<F32Matrix>()
                                   .Ret<F32Matrix>()
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b"));

@@ -336,7 +336,8 @@ def test_saved_activations_are_what_autodiff_keeps(remat, dtype, platform, monke
     assert per_token == layers + memory.outside_layers_bytes(w, remat, c, cfg.train.loss_chunk_size)
     params = memory.parameters(m)
     head_gradient = m.d_model * m.vocab_size * 4  # the fused head's d(head), a gradient
-    copies = memory.weight_copies(cfg, params, [1] * len(params), c, cpu)
+    route = memory.matmul_route(cfg, platform, devices=1)
+    copies = memory.weight_copies(cfg, params, [1] * len(params), c, route)
     assert other == copies + head_gradient
 
 

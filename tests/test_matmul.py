@@ -103,9 +103,10 @@ def test_project_equals_one_einsum_per_kernel(gemm, dtype):
     assert got[1][0].dtype == dtype and all(k.dtype == jnp.float32 for k in got[1][1])
 
 
-def test_project_is_one_matmul_that_keeps_x_once():
-    """On CPU the kernels share each product of the backward pass (d x and d kernels: 2,
-    against 2 per kernel), and autodiff keeps one copy of x (not one per kernel)."""
+def test_project_shares_products_and_keeps_x_once():
+    """On XLA:CPU the kernels share each product of the backward pass (d x and d kernels: 2,
+    against 2 per kernel); with MKL each kernel has its own products, d x summed in place and
+    nothing concatenated. Either way autodiff keeps one copy of x (not one per kernel)."""
     x = jnp.ones((16, 8))
     kernels = [jnp.ones((8, 4)), jnp.ones((8, 6)), jnp.ones((8, 2))]
 
@@ -114,10 +115,12 @@ def test_project_is_one_matmul_that_keeps_x_once():
         return sum(jnp.sum(y) for y in outputs)
 
     products = re.compile(r" dot\(|custom_call_target=\"maxlm_mkl_gemm\"")
-    for gemm, dots in (("cpu", 2), ("mkl", 2), ("dot", 6)):
+    added = re.compile(r"custom_call_target=\"maxlm_mkl_gemm_add\"")
+    for gemm, dots, adds in (("cpu", 2, 0), ("mkl", 4, 2), ("dot", 6, 0)):
         grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
         hlo = grad.lower(x, kernels, gemm).compile().as_text()
-        assert len(products.findall(hlo)) == dots, gemm
+        assert (len(products.findall(hlo)), len(added.findall(hlo))) == (dots, adds), gemm
+        assert gemm != "mkl" or " concatenate(" not in hlo
     for gemm in ("cpu", "mkl"):
         residuals = io.StringIO()
         with contextlib.redirect_stdout(residuals):
