@@ -98,42 +98,46 @@ def _matmul_bwd(
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def mkl_matmul(x: jax.Array, w: jax.Array, out_dtype: DTypeLike) -> jax.Array:
-    """`matmul` by MKL (float32 or bfloat16 x), w of any shape that reshapes to (K,N). The
-    backward pass reads x and w untransposed; w is kept as given (a layer's slice of the
-    scanned parameters, not a reshaped or cast copy stacked per layer)."""
-    return mkl.gemm(x, _as_matrix(w, x)).astype(out_dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def mkl_matmul(x: jax.Array, w: jax.Array, out_dtype: DTypeLike, contracted: int) -> jax.Array:
+    """x (..., K_1..K_c) @ w (K_1..K_c, N...) by MKL (float32 or bfloat16 x), c = `contracted`
+    -> (..., N...). x and w are kept as given, so the backward pass reads the scan's own slice
+    of the parameters and the very tensor an earlier op may keep too (the attention output,
+    which `maxlm.mkl.attention` keeps: JAX saves it once), not reshaped or cast copies."""
+    rows, w2 = _as_rows(x, w, contracted), _as_matrix(w, x, contracted)
+    y = mkl.gemm(rows, w2).astype(out_dtype)
+    return y.reshape(*x.shape[: x.ndim - contracted], *w.shape[contracted:])
 
 
-def _as_matrix(w: jax.Array, x: jax.Array) -> jax.Array:
-    return w.reshape(x.shape[-1], -1).astype(x.dtype)
+def _as_rows(x: jax.Array, w: jax.Array, contracted: int) -> jax.Array:
+    return x.reshape(-1, math.prod(w.shape[:contracted]))
+
+
+def _as_matrix(w: jax.Array, x: jax.Array, contracted: int = 1) -> jax.Array:
+    return w.reshape(math.prod(w.shape[:contracted]), -1).astype(x.dtype)
 
 
 def _mkl_matmul_fwd(
-    x: jax.Array, w: jax.Array, out_dtype: DTypeLike
+    x: jax.Array, w: jax.Array, out_dtype: DTypeLike, contracted: int
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return mkl_matmul(x, w, out_dtype), (x, w)
+    return mkl_matmul(x, w, out_dtype, contracted), (x, w)
 
 
 def _mkl_matmul_bwd(
-    out_dtype: DTypeLike, residuals: tuple[jax.Array, jax.Array], grad: jax.Array
+    out_dtype: DTypeLike,
+    contracted: int,
+    residuals: tuple[jax.Array, jax.Array],
+    grad: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
     x, w = residuals
-    grad = grad.astype(x.dtype)
-    grad_x = mkl.gemm(grad, _as_matrix(w, x), transpose_b=True).astype(x.dtype)
-    grad_w = mkl.gemm(x, grad, transpose_a=True).reshape(w.shape).astype(w.dtype)
-    return grad_x, grad_w
+    rows = _as_rows(x, w, contracted)
+    grad = grad.astype(x.dtype).reshape(rows.shape[0], -1)
+    grad_x = mkl.gemm(grad, _as_matrix(w, x, contracted), transpose_b=True)
+    grad_w = mkl.gemm(rows, grad, transpose_a=True)
+    return grad_x.reshape(x.shape).astype(x.dtype), grad_w.reshape(w.shape).astype(w.dtype)
 
 
 mkl_matmul.defvjp(_mkl_matmul_fwd, _mkl_matmul_bwd)
-
-
-def _product(x: jax.Array, w: jax.Array, out_dtype: DTypeLike, gemm: Gemm) -> jax.Array:
-    """x (M,K) @ w (reshaped to (K,N))."""
-    if by_mkl(gemm, x.dtype):
-        return mkl_matmul(x, w, out_dtype)
-    return matmul(x, w.reshape(x.shape[1], -1), out_dtype)
 
 
 def einsum(spec: str, x: jax.Array, w: jax.Array, out_dtype: DTypeLike, *, gemm: Gemm) -> jax.Array:
@@ -150,8 +154,10 @@ def einsum(spec: str, x: jax.Array, w: jax.Array, out_dtype: DTypeLike, *, gemm:
         or out != x_letters[: len(x_letters) - contracted] + w_letters[contracted:]
     ):
         raise ValueError(f"einsum {spec!r} is not of the form ...K,KN->...N")
-    x2 = x.reshape(-1, math.prod(w.shape[:contracted]))
-    y2 = _product(x2, w, out_dtype, gemm)
+    if by_mkl(gemm, x.dtype):
+        return mkl_matmul(x, w, out_dtype, contracted)
+    x2 = _as_rows(x, w, contracted)
+    y2 = matmul(x2, w.reshape(x2.shape[1], -1), out_dtype)
     return y2.reshape(*x.shape[: x.ndim - contracted], *w.shape[contracted:])
 
 
@@ -173,7 +179,7 @@ def project(
         parts = mkl_project(x2, tuple(kernels), out_dtype)
     else:
         columns = [kernel.reshape(kernel.shape[0], -1) for kernel in kernels]
-        y = _product(x2, jnp.concatenate(columns, axis=1), out_dtype, gemm)
+        y = matmul(x2, jnp.concatenate(columns, axis=1), out_dtype)
         parts = _split_columns(y, tuple(itertools.accumulate(c.shape[1] for c in columns)))
     return [
         part.reshape(*x.shape[:-1], *kernel.shape[1:])

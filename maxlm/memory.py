@@ -13,8 +13,8 @@ F = mlp_dim, S = seq_len, c = compute-dtype bytes:
       so no (B,N,T,S) probabilities are kept); SwiGLU keeps gate and up, and the down projection
       its input (3 F); the q/k/v and gate/up projections keep their shared inputs, the two
       normed activations (2 D; on CPU each group is one matmul, maxlm.matmul.project);
-      MKL's float32 attention (maxlm.mkl.attention) also keeps its output and float32
-      log-sum-exp: c Q + 4 N more
+      MKL's float32 attention (maxlm.mkl.attention) also keeps its float32 log-sum-exp (4 N
+      more) and its output, which o_proj's MKL product keeps anyway (one copy)
   remat full           c D                        the layer input; all else is recomputed
   remat minimal        c (2 D + Q + 2 KV + 2 F)   the weight matmuls' outputs (c D on CPU: its
                                                   custom-VJP matmuls are no dots to the policy)
@@ -199,8 +199,9 @@ def widths(cfg: Config, mesh: MeshShape) -> Widths:
 def layer_bytes(w: Widths, remat: str, c: int, cpu_layouts: bool, attention: str) -> float:
     """Bytes per token one decoder layer keeps for the backward pass (module docstring)."""
     if remat == "none":
-        # MKL's attention also keeps its output and each row's float32 log-sum-exp
-        fused = c * w.q + 4 * w.heads if attention == "mkl" else 0
+        # MKL's attention also keeps each row's float32 log-sum-exp, and its output: the same
+        # tensor o_proj's MKL product keeps as its input, saved once
+        fused = 4 * w.heads if attention == "mkl" else 0
         return 8 + c * (2 * w.q + 2 * w.kv + 3 * w.f + 4 * w.d) + fused
     if remat == "full":
         return c * w.d
