@@ -161,12 +161,14 @@ def _update(
     """Divide the summed gradients once by the step's loss tokens, update (with the update
     rule's `extra` arguments: Sophia's Hessian estimate), and report."""
     tokens = jnp.maximum(total.sums.tokens, 1.0)
-    grads = jax.tree_util.tree_map(lambda g: g / tokens, total.grads)
-    loss, grad_norm = total.sums.cross_entropy / tokens, optax.tree.norm(grads)
+    loss, grad_norm = total.sums.cross_entropy / tokens, optax.tree.norm(total.grads) / tokens
     # a non-finite step changes nothing (the step count moves on: the batch was consumed)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def apply() -> tuple[Any, Any]:
+        # divided inside the branch, XLA fuses the division into the update's own passes; the
+        # divided gradients are never written out whole (benchmarks/NOTES.md, change 21)
+        grads = jax.tree_util.tree_map(lambda g: g / tokens, total.grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **(extra or {}))
         return optax.apply_updates(state.params, updates), opt_state
 
