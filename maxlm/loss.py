@@ -125,6 +125,17 @@ def head_loss(
         z_loss = jnp.sum(jnp.where(mask, jnp.square(log_z), 0.0))
         return log_z, cross_entropy, z_loss
 
+    def mkl_softmax_grad(logits: jax.Array, target: jax.Array, mask: jax.Array) -> Any:
+        """`stats` and the logits' gradient below in one kernel (`maxlm.mkl.cross_entropy_grad`)."""
+        vocab = logits.shape[-1]
+        grad, log_z, target_logit = mkl.cross_entropy_grad(
+            logits.reshape(-1, vocab), target.reshape(-1), mask.reshape(-1), z_loss_weight
+        )
+        real = mask.reshape(-1)
+        cross_entropy = jnp.sum(jnp.where(real, log_z - target_logit, 0.0))
+        z_loss = jnp.sum(jnp.where(real, jnp.square(log_z), 0.0))
+        return grad.reshape(logits.shape), cross_entropy, z_loss
+
     def forward(hidden_chunks: Any, w: jax.Array, with_grads: bool) -> tuple[Any, ...]:
         def body(carry: tuple[jax.Array, ...], chunk_in: tuple[jax.Array, ...]) -> Any:
             grad_w, ce_sum, z_sum = carry
@@ -132,15 +143,18 @@ def head_loss(
             # zeroed, not only masked: inf * 0 in d(head) would still be NaN
             x = jnp.where(mask[..., None], x, 0)
             logits = logits_of(x, w)
-            log_z, cross_entropy, z_loss = stats(logits, target, mask)
-            carry = (grad_w, ce_sum + cross_entropy, z_sum + z_loss)
-            if not with_grads:
-                return carry, None
-            # d(ce + w_z * log_z^2)/d logits = softmax * (1 + 2 w_z log_z) - onehot(target)
-            probs = jnp.exp(logits - log_z[..., None])
-            onehot = jnp.arange(logits.shape[-1]) == target[..., None]
-            grad = probs * (1 + 2 * z_loss_weight * log_z)[..., None] - onehot
-            grad = jnp.where(mask[..., None], grad, 0.0).astype(x.dtype)
+            if with_grads and by_mkl(gemm, x.dtype):
+                grad, cross_entropy, z_loss = mkl_softmax_grad(logits, target, mask)
+            else:
+                log_z, cross_entropy, z_loss = stats(logits, target, mask)
+                if not with_grads:
+                    return (grad_w, ce_sum + cross_entropy, z_sum + z_loss), None
+                # d(ce + w_z * log_z^2)/d logits = softmax * (1 + 2 w_z log_z) - onehot(target)
+                probs = jnp.exp(logits - log_z[..., None])
+                onehot = jnp.arange(logits.shape[-1]) == target[..., None]
+                grad = probs * (1 + 2 * z_loss_weight * log_z)[..., None] - onehot
+                grad = jnp.where(mask[..., None], grad, 0.0)
+            grad = grad.astype(x.dtype)
             grad_x = hidden_grad(grad, w)
             rows = x.shape[0] * x.shape[1]
             grad_w = add_head_grad(grad_w, x.reshape(rows, -1), grad.reshape(rows, -1))

@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
 SOURCE = Path(__file__).with_name("mkl_kernels.cc")
 TARGETS = {jnp.dtype(jnp.float32): "maxlm_mkl_gemm", jnp.dtype(jnp.bfloat16): "maxlm_mkl_gemm_bf16"}
@@ -40,6 +41,7 @@ HANDLERS = {  # custom-call target -> symbol in mkl_kernels.cc
     "maxlm_mkl_gemm_bf16_add": "MaxlmMklGemmAddBf16",
     "maxlm_mkl_attention": "MaxlmAttentionForward",
     "maxlm_mkl_attention_grad": "MaxlmAttentionBackward",
+    "maxlm_mkl_cross_entropy_grad": "MaxlmCrossEntropyGrad",
 }
 LIBRARY = "libmkl_rt.so"  # .so.2 up to MKL 2025, .so.3 since
 SEQUENTIAL = 1  # MKL_THREADING_SEQUENTIAL
@@ -147,6 +149,38 @@ def gemm(
         input_output_aliases={2: 0},
     )
     return call(a, b, add, transpose_a=transpose_a, transpose_b=transpose_b)
+
+
+def cross_entropy_grad(
+    logits: jax.Array, targets: jax.Array, mask: jax.Array, z_loss_weight: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """For float32 logits (M,V), int targets (M,) and a mask (M,): d(ce + z_loss_weight *
+    log_z^2)/d logits (zero in masked rows), each row's log_z and target logit. One pass over
+    memory, the gradient written over the logits' buffer where XLA can give it up: what the
+    fused head loss (maxlm/loss.py) computes with three passes otherwise."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"maxlm.mkl.cross_entropy_grad: {reason}")
+    rows = logits.shape[0]
+    if logits.dtype != jnp.float32 or logits.ndim != 2 or targets.shape != (rows,):
+        raise ValueError(
+            f"maxlm.mkl.cross_entropy_grad takes float32 (M,V) logits and (M,) targets, "
+            f"got {logits.dtype}{logits.shape} and {targets.shape}"
+        )
+    per_row = jax.ShapeDtypeStruct((rows,), jnp.float32)
+    call = jax.ffi.ffi_call(
+        "maxlm_mkl_cross_entropy_grad",
+        (jax.ShapeDtypeStruct(logits.shape, jnp.float32), per_row, per_row),
+        vmap_method="sequential",
+        input_output_aliases={0: 0},
+    )
+    grad, log_z, target_logit = call(
+        logits,
+        targets.astype(jnp.int32),
+        mask.astype(jnp.int32),
+        z_loss_weight=np.float32(z_loss_weight),
+    )
+    return grad, log_z, target_logit
 
 
 def _attention_call(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> Any:

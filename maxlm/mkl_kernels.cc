@@ -345,6 +345,61 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, I32 segments, F32
   return ffi::Error::Success();
 }
 
+// The fused head loss's per-chunk softmax (maxlm/loss.py): for each row of float32 logits
+// (M, V), its log-sum-exp and target logit, and d(ce + w_z log_z^2)/d logits =
+// softmax * (1 + 2 w_z log_z) - onehot(target) written over the logits (zero where the row is
+// masked out). One read of each row from memory where XLA's passes (max, sum of exp, gradient)
+// read it three times; the row stays in cache between this kernel's passes.
+ffi::Error CrossEntropyGrad(ffi::ThreadPool pool, F32Matrix logits, I32 targets, I32 mask,
+                            ffi::Result<F32Matrix> grad, ffi::Result<F32> log_z,
+                            ffi::Result<F32> target_logit, float z_loss_weight) {
+  if (vexp == nullptr) return ffi::Error::Internal("MKL is not set");
+  auto dims = logits.dimensions();
+  int64_t rows = dims[0];
+  int vocab = static_cast<int>(dims[1]);
+  const int32_t* pt = targets.typed_data();
+  for (int64_t r = 0; r < rows; ++r) {
+    if (pt[r] < 0 || pt[r] >= vocab) {
+      return ffi::Error::InvalidArgument("maxlm_mkl_cross_entropy_grad: a target id is outside "
+                                         "the vocabulary");
+    }
+  }
+  const float* in = logits.typed_data();
+  float* out = grad->typed_data();
+  if (out != in) std::copy_n(in, logits.element_count(), out);  // not aliased after all
+  const int32_t* pm = mask.typed_data();
+  float* pz = log_z->typed_data();
+  float* pl = target_logit->typed_data();
+  constexpr int kRows = 8;  // rows per task
+  int tasks = static_cast<int>((rows + kRows - 1) / kRows);
+  ParallelFor(pool, tasks, [=](int task) {
+    for (int64_t r = task * kRows; r < std::min<int64_t>(rows, (task + 1) * kRows); ++r) {
+      float* row = out + r * vocab;
+      float row_max = kNegInf;
+#pragma omp simd reduction(max : row_max)
+      for (int j = 0; j < vocab; ++j) row_max = std::max(row_max, row[j]);
+      pl[r] = row[pt[r]];
+#pragma omp simd
+      for (int j = 0; j < vocab; ++j) row[j] -= row_max;
+      vexp(vocab, row, row);
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int j = 0; j < vocab; ++j) sum += row[j];
+      float lz = row_max + std::log(sum);
+      pz[r] = lz;
+      if (pm[r] == 0) {
+        std::fill(row, row + vocab, 0.0f);
+        continue;
+      }
+      float scale = (1.0f + 2.0f * z_loss_weight * lz) / sum;
+#pragma omp simd
+      for (int j = 0; j < vocab; ++j) row[j] *= scale;
+      row[pt[r]] -= 1.0f;
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxlmMklGemm, Gemm<ffi::F32>,
@@ -408,3 +463,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxlmAttentionBackward, Backward,
                                   .Ret<F32>()
                                   .Ret<F32>()
                                   .Ret<F32>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxlmCrossEntropyGrad, CrossEntropyGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Matrix>()
+                                  .Arg<I32>()
+                                  .Arg<I32>()
+                                  .Ret<F32Matrix>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Attr<float>("z_loss_weight"));
