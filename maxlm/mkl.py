@@ -4,8 +4,10 @@ On this project's CPU, MKL's sgemm runs the layers' and the output head's float3
 290-320 GFLOP/s where XLA:CPU's own (YNNPACK) reaches 170-280, and its bf16 x bf16 -> f32 GEMM
 (AMX) beats XLA:CPU's bf16 too (benchmarks/NOTES.md, changes 15 and 16).
 XLA's built-in oneDNN route gives up YNNPACK's other fusions (change 9), so the products go to
-MKL one at a time through jax's FFI. `attention` is causal document-masked flash attention on
-MKL's products (float32), twice as fast as XLA:CPU's softmax passes (change 17).
+MKL one at a time through jax's FFI; `gemm(..., add=)` adds into a running sum in place
+(change 19). `attention` is causal document-masked flash attention on MKL's products (float32),
+about 3x XLA:CPU's attention (changes 17-18); `cross_entropy_grad` is the fused head loss's
+softmax and gradient in one pass over each chunk's logits (change 22).
 `mkl_kernels.cc` holds the handlers: it is compiled with the system C++ compiler against jaxlib's
 FFI headers on first use (a few seconds; cached), MKL runs sequential, and the work is split
 over XLA's own intra-op threads.
