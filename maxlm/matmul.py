@@ -165,9 +165,10 @@ def project(
     x: jax.Array, kernels: Sequence[jax.Array], out_dtype: DTypeLike, *, gemm: Gemm
 ) -> list[jax.Array]:
     """x (..., K) times each kernel (K, *out_i) -> (..., *out_i), as `einsum` would compute them
-    one by one. On CPU they run as one product against the kernels side by side: x is saved for
-    the backward pass (and transposed there) once instead of once per kernel, and its gradient
-    is one dot."""
+    one by one. On XLA:CPU's route they run as one product against the kernels side by side: x
+    is saved for the backward pass (and transposed there) once instead of once per kernel, and
+    its gradient is one dot. MKL's route keeps x once too, with one product per kernel
+    (`mkl_project`)."""
     if gemm == "dot":
         return [
             jnp.tensordot(x, kernel.astype(x.dtype), axes=1, preferred_element_type=out_dtype)
