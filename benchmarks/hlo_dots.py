@@ -40,7 +40,7 @@ def dots(hlo: str) -> list[tuple[str, str, list[str], str]]:
         for line in lines:
             dot = re.search(r"= (\w+\[[\d,]*\])\S* dot\(%([\w.\-]+), %([\w.\-]+)\)", line)
             mkl = re.search(
-                r"= (\w+\[[\d,]*\])\S* custom-call\(%([\w.\-]+), %([\w.\-]+)\).*"
+                r"= (\w+\[[\d,]*\])\S* custom-call\(%([\w.\-]+), %([\w.\-]+)(?:, %[\w.\-]+)?\).*"
                 r'custom_call_target="maxlm_mkl_gemm',
                 line,
             )

@@ -275,12 +275,11 @@ class Memory:
         return self.params + self.gradients + self.optimizer + self.activations
 
 
-def attention_path(cfg: Config, platform: str, devices: int) -> str:
+def attention_path(cfg: Config, platform: str, route: matmul.Gemm) -> str:
     """`model.attention` as the step runs it: "mkl" where `maxlm.mkl.attention` takes the xla
-    path's place (float32 compute with MKL on a one-device CPU mesh)."""
+    path's place (float32 compute on MKL's route, `matmul_route`)."""
     m = cfg.model
-    by_mkl = matmul_route(cfg, platform, devices) == "mkl"
-    if m.attention == "xla" and by_mkl and compute_bytes(m.dtype, platform) == 4:
+    if m.attention == "xla" and route == "mkl" and compute_bytes(m.dtype, platform) == 4:
         return "mkl"
     return m.attention
 
@@ -312,7 +311,7 @@ def per_device(cfg: Config, mesh: MeshShape, platform: str) -> Memory:
     tokens = rows * train.seq_len
     w = widths(cfg, mesh)
     route = matmul_route(cfg, platform, math.prod(mesh.values()))
-    attention = attention_path(cfg, platform, math.prod(mesh.values()))
+    attention = attention_path(cfg, platform, route)
     per_token = m.num_layers * layer_bytes(w, m.remat, kept, cpu, attention)
     per_token += outside_layers_bytes(w, m.remat, kept, train.loss_chunk_size)
     gathered = _gathered_layer_weights(cfg, params, ways, mesh, c)

@@ -114,6 +114,12 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def _require(caller: str) -> None:
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"maxlm.mkl.{caller}: {reason}")
+
+
 def gemm(
     a: jax.Array,
     b: jax.Array,
@@ -126,9 +132,7 @@ def gemm(
     where asked, by MKL on XLA:CPU. With `add` (float32, the product's shape) the result is
     `add` plus the product, written over `add`'s buffer where XLA can give it up (a running
     sum: no separate pass to add)."""
-    reason = unavailable_reason()
-    if reason is not None:
-        raise RuntimeError(f"maxlm.mkl.gemm: {reason}")
+    _require("gemm")
     if a.dtype != b.dtype or a.dtype not in TARGETS or a.ndim != 2 or b.ndim != 2:
         raise ValueError(f"maxlm.mkl.gemm takes two float32 or two bfloat16 matrices, got "
                          f"{a.dtype}{a.shape} and {b.dtype}{b.shape}")  # fmt: skip
@@ -160,9 +164,7 @@ def cross_entropy_grad(
     log_z^2)/d logits (zero in masked rows), each row's log_z and target logit. One pass over
     memory, the gradient written over the logits' buffer where XLA can give it up: what the
     fused head loss (maxlm/loss.py) computes with three passes otherwise."""
-    reason = unavailable_reason()
-    if reason is not None:
-        raise RuntimeError(f"maxlm.mkl.cross_entropy_grad: {reason}")
+    _require("cross_entropy_grad")
     rows = logits.shape[0]
     if logits.dtype != jnp.float32 or logits.ndim != 2 or targets.shape != (rows,):
         raise ValueError(
@@ -186,9 +188,7 @@ def cross_entropy_grad(
 
 
 def _attention_call(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> Any:
-    reason = unavailable_reason()
-    if reason is not None:
-        raise RuntimeError(f"maxlm.mkl.attention: {reason}")
+    _require("attention")
     batch, length, heads, _ = q.shape
     shapes = (
         jax.ShapeDtypeStruct(q.shape, jnp.float32),

@@ -11,6 +11,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -400,45 +401,33 @@ ffi::Error CrossEntropyGrad(ffi::ThreadPool pool, F32Matrix logits, I32 targets,
   return ffi::Error::Success();
 }
 
+// The GEMM handlers' bindings: the thread pool and operands a, b (then an addend, for GemmAdd),
+// WithProduct adding the float32 result and the transpose flags
+template <ffi::DataType T>
+auto GemmOperands() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .template Arg<Matrix<T>>()
+      .template Arg<Matrix<T>>();
+}
+
+template <typename Binding>
+auto WithProduct(Binding binding) {
+  return std::move(binding).template Ret<F32Matrix>()
+      .template Attr<bool>("transpose_a")
+      .template Attr<bool>("transpose_b");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxlmMklGemm, Gemm<ffi::F32>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32Matrix>()
-                                  .Arg<F32Matrix>()
-                                  .Ret<F32Matrix>()
-                                  .Attr<bool>("transpose_a")
-                                  .Attr<bool>("transpose_b"));
-
+                              WithProduct(GemmOperands<ffi::F32>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxlmMklGemmBf16, Gemm<ffi::BF16>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Bf16Matrix>()
-                                  .Arg<Bf16Matrix>()
-                                  .Ret<F32Matrix>()
-                                  .Attr<bool>("transpose_a")
-                                  .Attr<bool>("transpose_b"));
-
+                              WithProduct(GemmOperands<ffi::BF16>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxlmMklGemmAdd, GemmAdd<ffi::F32>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32Matrix>()
-                                  .Arg<F32Matrix>()
-                                  .Arg<F32Matrix>()
-                                  .Ret<F32Matrix>()
-                                  .Attr<bool>("transpose_a")
-                                  .Attr<bool>("transpose_b"));
-
+                              WithProduct(GemmOperands<ffi::F32>().Arg<F32Matrix>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxlmMklGemmAddBf16, GemmAdd<ffi::BF16>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Bf16Matrix>()
-                                  .Arg<Bf16Matrix>()
-                                  .Arg<F32Matrix>()
-                                  .Ret<F32Matrix>()
-                                  .Attr<bool>("transpose_a")
-                                  .Attr<bool>("transpose_b"));
+                              WithProduct(GemmOperands<ffi::BF16>().Arg<F32Matrix>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxlmAttentionForward, Forward,
                               ffi::Ffi::Bind()

@@ -331,12 +331,12 @@ def test_saved_activations_are_what_autodiff_keeps(remat, dtype, platform, monke
     m, c, cpu = cfg.model, 2 if dtype == "bfloat16" else 4, platform == "cpu"
     mesh = {"data": 1, "fsdp": 1, "tensor": 1}
     w = memory.widths(cfg, mesh)
-    attention = memory.attention_path(cfg, platform, devices=1)
+    route = memory.matmul_route(cfg, platform, devices=1)
+    attention = memory.attention_path(cfg, platform, route)
     layers = m.num_layers * memory.layer_bytes(w, remat, c, cpu, attention)
     assert per_token == layers + memory.outside_layers_bytes(w, remat, c, cfg.train.loss_chunk_size)
     params = memory.parameters(m)
     head_gradient = m.d_model * m.vocab_size * 4  # the fused head's d(head), a gradient
-    route = memory.matmul_route(cfg, platform, devices=1)
     copies = memory.weight_copies(cfg, params, [1] * len(params), c, route)
     assert other == copies + head_gradient
 
