@@ -6,13 +6,12 @@ tests/test_estimate.py checks these formulas against them byte for byte, and the
 XLA). Bytes per token and layer, with D = d_model, Q = N*H (query heads x head size), KV = K*H,
 F = mlp_dim, S = seq_len, c = compute-dtype bytes:
 
-  remat none           8 + c (2 Q + 2 KV + 3 F + 4 D)
-      each RMSNorm keeps its input (c D) and its float32 (B,T,1) inverse rms (its own backward
-      pass recomputes the rest);
+  remat none           c (2 Q + 2 KV + 2 F + 2 D)
+      each RMSNorm's input is kept (c D: the layer input, and the input plus attention's
+      output), not its output: the backward pass recomputes the normed activations, their
+      inverse rms and the SwiGLU product from them (maxlm.model.recomputed);
       attention keeps q, k (after RoPE), v and its output (xla attention is itself rematerialized,
-      so no (B,N,T,S) probabilities are kept); SwiGLU keeps gate and up, and the down projection
-      its input (3 F); the q/k/v and gate/up projections keep their shared inputs, the two
-      normed activations (2 D; on CPU each group is one matmul, maxlm.matmul.project);
+      so no (B,N,T,S) probabilities are kept); SwiGLU keeps gate and up (2 F);
       MKL's float32 attention (maxlm.mkl.attention) also keeps its float32 log-sum-exp (4 N
       more) and its output, which o_proj's MKL product keeps anyway (one copy)
   remat full           c D                        the layer input; all else is recomputed
@@ -20,10 +19,10 @@ F = mlp_dim, S = seq_len, c = compute-dtype bytes:
                                                   custom-VJP matmuls are no dots to the policy)
   remat dots_saveable  minimal + 4 N S + c Q      also xla attention's float32 QK^T and its PV
 
-Remat none also keeps weight copies per layer: the compute-dtype cast of every block weight when
-it differs from the parameter dtype, or on XLA:CPU's route every block weight but down_proj's (the
-q/k/v and gate/up kernels side by side, o_proj's reshaped); MKL's products keep the weights as
-they are (none). Outside the layers:
+Remat none also keeps a weight copy per layer, o_proj's (the other products run inside the
+recomputed regions): its compute-dtype cast where that differs from the parameter dtype, or on
+XLA:CPU's route its kernel reshaped to 2-D; MKL's products keep the weights as they are (none).
+Outside the layers:
 the final norm (c D + 4), the fused head's d(hidden) (c D) and RoPE tables (4 H; 8 H without
 remat); with train.loss_chunk=0 the plain head also keeps its float32 (B,T,V) logits (4 V).
 Heads, kv heads, mlp and vocab divide by their tensor-parallel split, tokens by the data-parallel
@@ -202,7 +201,7 @@ def layer_bytes(w: Widths, remat: str, c: int, cpu_layouts: bool, attention: str
         # MKL's attention also keeps each row's float32 log-sum-exp, and its output: the same
         # tensor o_proj's MKL product keeps as its input, saved once
         fused = 4 * w.heads if attention == "mkl" else 0
-        return 8 + c * (2 * w.q + 2 * w.kv + 3 * w.f + 4 * w.d) + fused
+        return c * (2 * w.q + 2 * w.kv + 2 * w.f + 2 * w.d) + fused
     if remat == "full":
         return c * w.d
     minimal = c * w.d if cpu_layouts else c * (2 * w.d + w.q + 2 * w.kv + 2 * w.f)
@@ -234,11 +233,10 @@ def weight_copies(
         return 0.0
     total = 0.0
     for param, split in zip(params, ways, strict=True):
-        if not (param.path.startswith("layers.") and param.path.endswith("kernel")):
+        if not (param.path.startswith("layers.") and param.path.endswith(".o_proj.kernel")):
             continue
-        if route == "cpu" and ".down_proj." not in param.path:
-            # maxlm.matmul keeps the weight reshaped to 2-D or concatenated (down_proj is as is)
-            total += param.size * p / split
+        if route == "cpu":
+            total += param.size * p / split  # maxlm.matmul keeps the weight reshaped to 2-D
         elif route == "dot" and p != c:
             total += param.size * c / split  # the einsum keeps the weight cast to compute dtype
     return total
@@ -321,18 +319,19 @@ def per_device(cfg: Config, mesh: MeshShape, platform: str) -> Memory:
         gradients=elements * (p + (4 if train.grad_accum_steps > 1 else 0)),
         optimizer=optimizer,
         saved=tokens * per_token + weight_copies(cfg, params, ways, c, route),
-        working=max(_head_working(cfg, w, rows, c), layer),
+        working=max(_head_working(cfg, w, rows, c, route), layer),
         rows=rows,
     )
 
 
-def _head_working(cfg: Config, w: Widths, rows: float, c: int) -> float:
-    """The fused head loss's peak: one chunk's float32 logits and probabilities (and their
-    compute-dtype gradient below float32), plus the float32 d(head) accumulator."""
+def _head_working(cfg: Config, w: Widths, rows: float, c: int, route: matmul.Gemm) -> float:
+    """The fused head loss's peak: one chunk's float32 logits and probabilities (on MKL's route
+    one buffer: `maxlm.mkl.cross_entropy_grad` writes the gradient over the logits), their
+    compute-dtype gradient below float32, plus the float32 d(head) accumulator."""
     chunk = cfg.train.loss_chunk_size
     if not chunk:
         return rows * cfg.train.seq_len * 4 * w.vocab  # the (B,T,V) logits' gradient
-    per_position = 8 + (c if c < 4 else 0)
+    per_position = (4 if route == "mkl" else 8) + (c if c < 4 else 0)
     return rows * chunk * w.vocab * per_position + 4 * w.d * w.vocab
 
 

@@ -105,6 +105,16 @@ def project_together(x: jax.Array, *layers: Linear) -> list[jax.Array]:
     )  # fmt: skip
 
 
+def recomputed(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """fn under jax.checkpoint keeping nothing: the backward pass reruns fn's elementwise work
+    from fn's inputs instead of keeping what it computed, and skips fn's products, whose
+    results no gradient needs. For the RMSNorms before projections and SwiGLU before down_proj:
+    keeping their outputs costs a write, the layer scan's stacking and a copy back out each,
+    recomputing one pass (benchmarks/NOTES.md, change 23). Remat policies around it are
+    unaffected: they still keep or drop fn's outputs (the products) as before."""
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+
+
 # makes a Linear from its kernel shape and logical names (initializer and dtypes already bound)
 Dense = Callable[[tuple[int, ...], tuple[str, ...]], Linear]
 
@@ -267,8 +277,14 @@ class Attention(nnx.Module):
         cos: jax.Array,
         segment_ids: jax.Array,
         prefix: jax.Array | None,
+        *,
+        norm: RMSNorm,
     ) -> jax.Array:
-        q, k, v = self._project(x, sin, cos)
+        """Attention over norm(x), which the backward pass recomputes from x (`recomputed`)."""
+        project = recomputed(
+            lambda x: project_together(norm(x), self.q_proj, self.k_proj, self.v_proj)
+        )
+        q, k, v = self._rotate(project(x), sin, cos)
         out = attention.attend(
             q, k, v, segment_ids, prefix=prefix, implementation=self.implementation,
             constrain=self.constrain, names=(Q_HEADS, KV_HEADS), mkl=self.o_proj.gemm == "mkl",
@@ -287,7 +303,7 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Write x's keys/values at slot `index` of layer `layer` of the stacked (L,B,S,K,H)
         `cache`, then attend from x (B,T,D) to that layer's slots under `mask` (B,1,T,S)."""
-        q, k, v = self._project(x, sin, cos)
+        q, k, v = self._rotate(project_together(x, self.q_proj, self.k_proj, self.v_proj), sin, cos)
         start = (layer, 0, index, 0, 0)
         cache_k = jax.lax.dynamic_update_slice(cache[0], k[None], start)
         cache_v = jax.lax.dynamic_update_slice(cache[1], v[None], start)
@@ -298,11 +314,12 @@ class Attention(nnx.Module):
         out = jax.nn.dot_product_attention(q, keys, values, mask=mask, implementation="xla")
         return self.o_proj("BTNH,NHD->BTD", out), (cache_k, cache_v)
 
-    def _project(
-        self, x: jax.Array, sin: jax.Array, cos: jax.Array
+    def _rotate(
+        self, qkv: list[jax.Array], sin: jax.Array, cos: jax.Array
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Queries (B,T,N,H) and keys (B,T,K,H) rotated by RoPE, values (B,T,K,H)."""
-        q, k, v = project_together(x, self.q_proj, self.k_proj, self.v_proj)
+        """The projections' queries (B,T,N,H) and keys (B,T,K,H) rotated by RoPE, and values
+        (B,T,K,H)."""
+        q, k, v = qkv
         q = self.constrain(apply_rope(q, sin, cos), Q_HEADS)
         k = self.constrain(apply_rope(k, sin, cos), KV_HEADS)
         return q, k, self.constrain(v, KV_HEADS)
@@ -317,9 +334,14 @@ class MLP(nnx.Module):
         self.down_proj = dense((mlp_dim, d_model), ("mlp", "embed"))
         self.constrain = constrain
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = swiglu(*project_together(x, self.gate_proj, self.up_proj))
-        return self.down_proj("BTF,FD->BTD", self.constrain(h, MLP_HIDDEN))
+    def __call__(self, x: jax.Array, *, norm: RMSNorm) -> jax.Array:
+        """The MLP of norm(x); the backward pass recomputes norm(x) and the SwiGLU product
+        (`recomputed`)."""
+        gate, up = recomputed(lambda x: project_together(norm(x), self.gate_proj, self.up_proj))(x)
+        return recomputed(self._down)(gate, up)
+
+    def _down(self, gate: jax.Array, up: jax.Array) -> jax.Array:
+        return self.down_proj("BTF,FD->BTD", self.constrain(swiglu(gate, up), MLP_HIDDEN))
 
 
 @jax.custom_vjp
@@ -402,9 +424,9 @@ class DecoderLayer(nnx.Module):
     ) -> jax.Array:
         """`key` is this layer's dropout key, or None for no dropout."""
         attn_key, mlp_key = (None, None) if key is None else jax.random.split(key)
-        h = self.self_attn(self.input_layernorm(x), sin, cos, segment_ids, prefix)
+        h = self.self_attn(x, sin, cos, segment_ids, prefix, norm=self.input_layernorm)
         x = self.constrain(x + _dropout(h, self.dropout, attn_key), HIDDEN)
-        h = self.mlp(self.post_attention_layernorm(x))
+        h = self.mlp(x, norm=self.post_attention_layernorm)
         return self.constrain(x + _dropout(h, self.dropout, mlp_key), HIDDEN)
 
     def decode(
@@ -422,7 +444,7 @@ class DecoderLayer(nnx.Module):
             self.input_layernorm(x), sin, cos, mask, cache, layer, index
         )
         x = self.constrain(x + h, HIDDEN)
-        x = self.constrain(x + self.mlp(self.post_attention_layernorm(x)), HIDDEN)
+        x = self.constrain(x + self.mlp(x, norm=self.post_attention_layernorm), HIDDEN)
         return x, cache
 
 

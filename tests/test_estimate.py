@@ -22,6 +22,7 @@ from maxlm import (
     memory,
     mesh as mesh_lib,
     metrics as metrics_lib,
+    mkl,
     optim,
     state as state_lib,
     train_step,
@@ -97,6 +98,27 @@ def test_cpu_peak_is_measured():
     assert 1e8 < peak < 1e14  # a real machine: more than 0.1 GFLOP/s, less than 100 TFLOP/s
     assert "measured" in source
     assert f"{peak / 1e9:.0f} GFLOP/s" in source
+
+
+@pytest.mark.parametrize("mkl_installed", [
+    pytest.param(True, marks=pytest.mark.skipif(
+        not mkl.installable(), reason="Intel MKL has no wheel for this machine (x86-64 only)")),
+    False,
+])  # fmt: skip
+def test_cpu_peak_times_every_route_the_products_can_take(mkl_installed, monkeypatch):
+    """The probe times MKL's product as well where MKL is usable (maxlm's products then take
+    whichever route is faster), and XLA:CPU's alone where it is not."""
+    calls = []
+    real_gemm = mkl.gemm
+
+    def counted_gemm(a, b, **kwargs):
+        calls.append(a.shape)
+        return real_gemm(a, b, **kwargs)
+
+    monkeypatch.setattr(mkl, "gemm", counted_gemm)
+    monkeypatch.setattr(mkl, "unavailable_reason", lambda: None if mkl_installed else "absent")
+    assert estimate.measure_cpu_peak(size=64, repeats=2) > 1e6
+    assert calls == ([(64, 64)] if mkl_installed else [])  # traced once by jit
 
 
 def fake_devices(kind: str, count: int, platform: str = "tpu") -> list[SimpleNamespace]:
@@ -313,17 +335,18 @@ def saved_residual_bytes(cfg: Config, platform: str, monkeypatch) -> tuple[int, 
 
 @pytest.mark.parametrize("remat", ["none", "full", "minimal", "dots_saveable"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("platform", ["cpu", "tpu"])
-def test_saved_activations_are_what_autodiff_keeps(remat, dtype, platform, monkeypatch):
+@pytest.mark.parametrize("platform, cpu_matmul", [("cpu", "auto"), ("cpu", "xla"), ("tpu", "auto")])
+def test_saved_activations_are_what_autodiff_keeps(remat, dtype, platform, cpu_matmul, monkeypatch):
     """The per-layer formulas of maxlm.memory equal, byte for byte, the residuals JAX saves for
-    the backward pass, for each remat policy, compute dtype and matmul path (XLA:CPU layouts or
-    plain einsums). Dimensions are chosen so that only activations are multiples of B*T = 15."""
+    the backward pass, for each remat policy, compute dtype and matmul path (MKL where
+    installed, XLA:CPU layouts, or plain einsums). Dimensions are chosen so that only
+    activations are multiples of B*T = 15."""
     cfg = load(
         None,
         [
             "model.vocab_size=64", "model.d_model=16", "model.num_layers=2", "model.num_heads=4",
             "model.num_kv_heads=2", "model.head_dim=8", "model.mlp_dim=44",
-            f"model.remat={remat}", f"model.dtype={dtype}",
+            f"model.remat={remat}", f"model.dtype={dtype}", f"model.cpu_matmul={cpu_matmul}",
             "train.global_batch_size=3", "train.seq_len=5",
         ],
     )  # fmt: skip
