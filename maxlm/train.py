@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from maxlm import host_memory
+
+if __name__ == "__main__":  # `python -m maxlm.train`: restart now, before jax and the rest load
+    host_memory.restart_with_huge_pages()
+
 import json
 import math
 import os
@@ -21,7 +26,6 @@ from maxlm import (
     estimate,
     generate,
     goodput as goodput_lib,
-    host_memory,
     mesh as mesh_lib,
     paths,
     stages as stages_lib,
@@ -666,16 +670,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         exit_without_peers(1)
         raise SystemExit(1) from None
     except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
         # now: orbax's exit handlers would re-raise the failed background write as a traceback
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
+        exit_with_last_word(f"error: {err}", 1)
     except Exception:
         if jax.distributed.is_initialized():  # else Python prints it on the way out
             traceback.print_exc()
         exit_without_peers(1)
         raise
+
+
+def exit_with_last_word(message: str, code: int) -> None:
+    """Exit now with `message` as the last line of stderr. orbax's background threads may still
+    be printing the failed write's traceback: stderr goes to /dev/null first, the message to a
+    copy of the original descriptor, so no such line can come after it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    original = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.write(original, f"{message}\n".encode())
+    os._exit(code)
 
 
 def exit_without_peers(code: int) -> None:

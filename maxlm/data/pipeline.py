@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -205,6 +206,16 @@ def _use_default_absl_flags() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+# Documents read ahead, on a thread per core up to grain's default 16 (more threads only contend
+# for the cores and the GIL that training needs), each thread 32 ahead
+STREAM_READ = grain.ReadOptions(
+    num_threads=min(16, os.cpu_count() or 1), prefetch_buffer_size=32 * min(16, os.cpu_count() or 1)
+)
+# Reading ahead for a few sampled batches: grain's default (500 documents on 16 threads) would
+# tokenize hundreds of documents that are never used, each time a held-out sample is drawn
+SAMPLE_READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=16)
+
+
 def eval_batches(
     source: Source,
     layout: Layout,
@@ -216,8 +227,9 @@ def eval_batches(
     """The first `num_batches` packed batches of `source` (repeated when too few): in order,
     or sampled across documents with a fixed `seed`; the same every call."""
     rows = packed_rows(
-        source.docs, layout, objective=source.objective, num_bins=batch_size, shuffle_seed=seed
-    )
+        source.docs, layout, objective=source.objective, num_bins=batch_size, shuffle_seed=seed,
+        read_options=SAMPLE_READ,
+    )  # fmt: skip
     batches = iter(rows.batch(batch_size, drop_remainder=True))
     return [next(batches) for _ in range(num_batches)]
 
@@ -236,10 +248,12 @@ def packed_rows(
     objective: Objective = None,
     num_epochs: int | None = None,
     source_index: int | None = None,
+    read_options: grain.ReadOptions | None = None,
 ) -> grain.IterDataset:
-    """Packed rows of shape (seq_len,): this process's `document_stream`, tokenized, through
-    the objective, split into pieces, shuffled within windows of `layout.shuffle_window` pieces
-    (when > 1 and seeded), and packed `num_bins` rows at a time."""
+    """Packed rows of shape (seq_len,): this process's `document_stream`, tokenized (by
+    `read_options`' threads, ahead of need; default grain's), through the objective, split into
+    pieces, shuffled within windows of `layout.shuffle_window` pieces (when > 1 and seeded), and
+    packed `num_bins` rows at a time."""
     ds = document_stream(
         docs,
         shuffle_seed=shuffle_seed,
@@ -250,7 +264,9 @@ def packed_rows(
     make_pieces = functools.partial(_pieces, layout=layout, objective=objective)
     # seeded per element by grain, so the transform does not depend on how the stream is read
     pieces = ds.random_map(make_pieces, seed=0 if shuffle_seed is None else shuffle_seed)
-    flat = grain.experimental.FlatMapIterDataset(pieces.to_iter_dataset(), _Flatten())
+    flat = grain.experimental.FlatMapIterDataset(
+        pieces.to_iter_dataset(read_options or STREAM_READ), _Flatten()
+    )
     if shuffle_seed is not None and layout.shuffle_window > 1:
         # consecutive pieces of one long document would otherwise fill a whole batch
         flat = grain.experimental.WindowShuffleIterDataset(

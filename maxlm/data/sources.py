@@ -13,10 +13,12 @@ import hashlib
 import json
 import os
 import sysconfig
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import grain
 import numpy as np
@@ -52,6 +54,25 @@ class Documents(Protocol):
     def subset(self, indices: Sequence[int] | np.ndarray) -> Documents: ...
 
 
+class _OpenFiles(threading.local):
+    """One thread's most recently read files, kept open: opening a file in a bucket costs a
+    round trip or two, once per document otherwise, and an open file's read-ahead buffer
+    serves the documents next to the one read."""
+
+    KEEP = 4
+
+    def __init__(self) -> None:
+        self.files: OrderedDict[str, BinaryIO] = OrderedDict()
+
+    def read(self, location: str, offset: int, nbytes: int) -> bytes:
+        file = self.files.pop(location, None) or paths.open_read(location)
+        self.files[location] = file
+        if len(self.files) > self.KEEP:
+            self.files.popitem(last=False)[1].close()
+        file.seek(offset)
+        return file.read(nbytes)
+
+
 @dataclass(frozen=True, eq=False)
 class FileDocuments:
     """Random-access documents (a grain data source): doc i is `nbytes[i]` bytes of
@@ -65,15 +86,22 @@ class FileDocuments:
     ids: list[str]
     text_field: str | None = field(default=None)
     tokenizer_fingerprint: None = None
+    _open: _OpenFiles = field(default_factory=_OpenFiles, init=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> str:
-        with paths.open_read(self.files[self.file_index[i]]) as f:
-            f.seek(int(self.offset[i]))
-            raw = f.read(int(self.nbytes[i])).decode("utf-8", errors="replace")
+        location, offset, nbytes = self.files[self.file_index[i]], self.offset[i], self.nbytes[i]
+        raw = self._open.read(location, int(offset), int(nbytes)).decode("utf-8", "replace")
         return raw if self.text_field is None else _field_text(json.loads(raw), self.text_field)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for grain's worker processes without the open files (each opens its own)."""
+        return {k: v for k, v in self.__dict__.items() if k != "_open"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _open=_OpenFiles())
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> FileDocuments:
         """The documents at `indices`, in that order."""
