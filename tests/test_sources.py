@@ -1,6 +1,7 @@
 """Columnar and pre-tokenized sources: Parquet, Hugging Face datasets on disk, ArrayRecord token
 shards with their manifest; concatenation; pickling for grain workers."""
 
+import concurrent.futures
 import json
 import pickle
 
@@ -143,3 +144,22 @@ def test_concat_reads_parts_in_order(tmp_path):
     assert both.ids == [*parts[0].ids, *parts[1].ids]
     assert both.nbytes.tolist() == [2, 2, 2]
     assert texts(both.subset([2, 0])) == ["t0", "p0"]
+
+
+def test_documents_read_in_any_order_from_more_files_than_are_kept_open(tmp_path):
+    """Each reading thread keeps its last few files open (a bucket costs a round trip per open):
+    documents of 7 files read in a shuffled order, over several threads and from a pickled copy
+    (as grain's worker processes get it), are each the right line."""
+    lines = {f"f{i}.txt": [f"file {i} line {j} " + "x" * i * j for j in range(5)] for i in range(7)}
+    for name, text in lines.items():
+        (tmp_path / name).write_text("\n".join(text) + "\n")
+    cfg = SourceConfig(kind="text_files", paths=[str(tmp_path / "*.txt")], document_per="line")
+    docs = documents(cfg, KEY)
+    expected = [line for name in sorted(lines) for line in lines[name]]
+    order = np.random.default_rng(0).permutation(len(expected)).tolist() * 2
+    assert [docs[i].rstrip("\n") for i in order] == [expected[i] for i in order]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        read = list(pool.map(lambda i: docs[i].rstrip("\n"), order))
+    assert read == [expected[i] for i in order]
+    copy = pickle.loads(pickle.dumps(docs))
+    assert [copy[i].rstrip("\n") for i in order] == [expected[i] for i in order]

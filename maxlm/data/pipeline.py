@@ -208,9 +208,8 @@ def _use_default_absl_flags() -> None:
 
 # Documents read ahead, on a thread per core up to grain's default 16 (more threads only contend
 # for the cores and the GIL that training needs), each thread 32 ahead
-STREAM_READ = grain.ReadOptions(
-    num_threads=min(16, os.cpu_count() or 1), prefetch_buffer_size=32 * min(16, os.cpu_count() or 1)
-)
+_READ_THREADS = min(16, os.cpu_count() or 1)
+STREAM_READ = grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=32 * _READ_THREADS)
 # Reading ahead for a few sampled batches: grain's default (500 documents on 16 threads) would
 # tokenize hundreds of documents that are never used, each time a held-out sample is drawn
 SAMPLE_READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=16)

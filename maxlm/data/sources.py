@@ -66,11 +66,12 @@ class _OpenFiles(threading.local):
 
     def read(self, location: str, offset: int, nbytes: int) -> bytes:
         file = self.files.pop(location, None) or paths.open_read(location)
+        file.seek(offset)
+        data = file.read(nbytes)  # a file that failed to read is not kept
         self.files[location] = file
         if len(self.files) > self.KEEP:
             self.files.popitem(last=False)[1].close()
-        file.seek(offset)
-        return file.read(nbytes)
+        return data
 
 
 @dataclass(frozen=True, eq=False)
