@@ -435,6 +435,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.shapes = args.shapes.split(",")
     args.peers = args.peers.split(",")
+    # absolute (MaxText runs in its own directory), but not resolved: a venv's python is a link
+    args.maxtext_python = os.path.abspath(args.maxtext_python)
     for value, known, flag in ((args.shapes, SHAPES, "--shapes"), (args.peers, PEERS, "--peers")):
         unknown = [v for v in value if v not in known]
         if unknown:
