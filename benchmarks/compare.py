@@ -33,9 +33,9 @@ compare maxlm and MaxText on the same jax. Workers' logs go to a temp dir, kept 
 
 tokens/s is the median over all timed steps; MFU is against the matmul peak of this CPU measured
 by `maxlm.estimate.measure_cpu_peak` at the start of the run (the fastest square product by
-XLA:CPU or MKL), with `maxlm.estimate.flops_per_token` for every implementation. Compile time:
-maxlm's `compile_s`; torch.compile's first compiled step minus an eager step. The last column
-is maxlm's tokens/s over the row's (above 1: maxlm faster).
+XLA:CPU, MKL or OpenBLAS), with `maxlm.estimate.flops_per_token` for every implementation.
+Compile time: maxlm's `compile_s`; torch.compile's first compiled step minus an eager step. The
+last column is maxlm's tokens/s over the row's (above 1: maxlm faster).
 """
 
 from __future__ import annotations
@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"Python {platform.python_version()}, jax {jax.__version__} ({device.device_kind}: "
         f"{cpu_name()}, {os.cpu_count()} cores); measured {args.dtype} matmul peak "
-        f"{peak / 1e9:.0f} GFLOP/s (jax: XLA:CPU or MKL, the faster; used for every MFU)"
+        f"{peak / 1e9:.0f} GFLOP/s (jax: XLA:CPU, MKL or OpenBLAS, the fastest; used for every MFU)"
     )
     print(
         f"{args.steps} timed steps per implementation in {args.rounds} alternating rounds, "

@@ -206,10 +206,11 @@ class ModelConfig(Section):
         "Activation recomputation: none, full, dots_saveable (keep all matmul outputs), "
         "minimal (keep matmul outputs without batch dims, i.e. weight matmuls).",
     )
-    cpu_matmul: Literal["auto", "mkl", "xla"] = _field(
+    cpu_matmul: Literal["auto", "mkl", "openblas", "xla"] = _field(
         "auto",
         "float32/bfloat16 matmuls on a one-device CPU mesh: mkl (Intel MKL, the mkl extra; "
-        "faster), xla (XLA:CPU's own), auto = mkl where installed (README: Throughput).",
+        "faster), openblas (as mkl, float32 products by OpenBLAS's sgemm), xla (XLA:CPU's "
+        "own), auto = mkl where installed, openblas on non-Intel CPUs (README: Throughput).",
     )
     attention: Literal["xla", "cudnn", "splash"] = _field(
         "xla",

@@ -11,9 +11,9 @@ transposed by the forward pass), every dot accumulates in float32, and results a
 afterwards (measurements: benchmarks/NOTES.md). `project` runs projections that share an input
 (q/k/v, gate/up) as one such product, so the input is kept and transposed once. Where Intel MKL
 is installed, float32 and bfloat16 products on a one-device CPU mesh go to MKL instead
-(`maxlm.mkl`), which takes transposed operands as they are and runs `project`'s products one
-per kernel. Other platforms use plain dots: their compilers choose layouts well, and a barrier
-would only cost a copy.
+(`maxlm.mkl`; float32 ones to OpenBLAS's sgemm on non-Intel CPUs), which takes transposed
+operands as they are and runs `project`'s products one per kernel. Other platforms use plain
+dots: their compilers choose layouts well, and a barrier would only cost a copy.
 """
 
 from __future__ import annotations
@@ -37,9 +37,13 @@ from maxlm.config import ConfigError
 Gemm = Literal["dot", "cpu", "mkl"]
 
 
-def choose_gemm(platform: str, devices: int, requested: Literal["auto", "mkl", "xla"]) -> Gemm:
+def choose_gemm(
+    platform: str, devices: int, requested: Literal["auto", "mkl", "openblas", "xla"]
+) -> Gemm:
     """The products' route for a model on `devices` devices of `platform`; `requested` is
-    `model.cpu_matmul`. MKL's custom call is not partitioned by XLA, so it takes one device."""
+    `model.cpu_matmul`. MKL's custom call is not partitioned by XLA, so it takes one device.
+    On the "mkl" route this also sets whose sgemm runs the float32 products, process-wide
+    (`maxlm.mkl.use_float32_gemm`): `requested`, or for "auto" this CPU's default."""
     if platform != "cpu":
         return "dot"
     if requested == "xla":
@@ -47,10 +51,13 @@ def choose_gemm(platform: str, devices: int, requested: Literal["auto", "mkl", "
     reason = mkl.unavailable_reason()
     if reason is None and devices > 1:
         reason = f"the mesh has {devices} devices; MKL's products run on one"
+    if reason is None and requested == "openblas" and "openblas" not in mkl.float32_gemms():
+        reason = str(mkl.openblas())
     if reason is None:
+        mkl.use_float32_gemm(mkl.default_float32_gemm() if requested == "auto" else requested)
         return "mkl"
-    if requested == "mkl":
-        raise ConfigError(f"model.cpu_matmul: mkl: {reason}")
+    if requested != "auto":
+        raise ConfigError(f"model.cpu_matmul: {requested}: {reason}")
     logging.getLogger(__name__).info("matmuls by XLA:CPU, not MKL: %s", reason)
     return "cpu"
 

@@ -8,9 +8,13 @@ MKL one at a time through jax's FFI; `gemm(..., add=)` adds into a running sum i
 (change 19). `attention` is causal document-masked flash attention on MKL's products (float32),
 about 3x XLA:CPU's attention (changes 17-18); `cross_entropy_grad` is the fused head loss's
 softmax and gradient in one pass over each chunk's logits (change 22).
+On CPUs not made by Intel, MKL does not take its tuned code paths, so the float32 products
+(attention's included) call OpenBLAS's sgemm instead where the `scipy-openblas32` wheel is
+installed (`use_float32_gemm`, chosen by `model.cpu_matmul`; change 24); bfloat16 products
+and exp stay MKL's.
 `mkl_kernels.cc` holds the handlers: it is compiled with the system C++ compiler against jaxlib's
-FFI headers on first use (a few seconds; cached), MKL runs sequential, and the work is split
-over XLA's own intra-op threads.
+FFI headers on first use (a few seconds; cached), MKL and OpenBLAS run sequential, and the work
+is split over XLA's own intra-op threads.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import hashlib
 import importlib.metadata
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -48,6 +53,8 @@ HANDLERS = {  # custom-call target -> symbol in mkl_kernels.cc
 LIBRARY = "libmkl_rt.so"  # .so.2 up to MKL 2025, .so.3 since
 SEQUENTIAL = 1  # MKL_THREADING_SEQUENTIAL
 CACHE_DIR = "~/.cache/maxlm/kernels"
+FLOAT32_GEMMS = ("mkl", "openblas")  # whose sgemm the float32 products may run on
+_in_use: dict[str, Any] = {}  # the loaded handler and the float32 GEMM it calls now
 
 
 def installable() -> bool:
@@ -111,7 +118,78 @@ def unavailable_reason() -> str | None:
     for name, symbol in HANDLERS.items():
         capsule = jax.ffi.pycapsule(getattr(handler, symbol))
         jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+    _in_use["handler"], _in_use["float32"] = handler, "mkl"
+    _set_float32_gemm(handler, default_float32_gemm())
     return None
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"; "" if unknown)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    found = re.search(r"^vendor_id\s*:\s*(\S+)", text, re.MULTILINE)
+    return found.group(1) if found else ""
+
+
+@functools.cache
+def openblas() -> ctypes.CDLL | str:
+    """OpenBLAS (the `scipy-openblas32` wheel: LP64, symbols prefixed `scipy_`), set to run
+    single-threaded in its caller as MKL does here; or why it cannot be loaded."""
+    try:
+        import scipy_openblas32
+    except ImportError:
+        return "OpenBLAS is not installed (pip install 'maxlm[mkl]')"
+    path = Path(scipy_openblas32.get_lib_dir()) / f"lib{scipy_openblas32.get_library()}.so"
+    try:
+        library = ctypes.CDLL(str(path))
+    except OSError as error:
+        return str(error)
+    library.scipy_openblas_set_num_threads(1)  # XLA's threads run the blocks
+    return library
+
+
+def default_float32_gemm() -> str:
+    """MKL's sgemm on Intel CPUs; OpenBLAS's elsewhere where installed. On other vendors' CPUs
+    MKL does not take its tuned code paths: on an AMD EPYC (Zen 3) its sgemm ran one core at
+    40-78 GFLOP/s against OpenBLAS's 70-82 (benchmarks/NOTES.md, change 24)."""
+    if cpu_vendor() == "GenuineIntel" or isinstance(openblas(), str):
+        return "mkl"
+    return "openblas"
+
+
+def float32_gemms() -> list[str]:
+    """The sgemms the float32 products can run on here (MKL's always, with the handler)."""
+    return [name for name in FLOAT32_GEMMS if name == "mkl" or not isinstance(openblas(), str)]
+
+
+def float32_gemm() -> str:
+    """Whose sgemm the float32 products (and attention's) run on now: "mkl" or "openblas"."""
+    _require("float32_gemm")
+    return _in_use["float32"]
+
+
+def use_float32_gemm(library: str) -> None:
+    """Run float32 products, attention's included, by `library`'s sgemm ("mkl" or "openblas")
+    from now on, process-wide (compiled steps look it up per call); bfloat16 products and
+    exp stay MKL's, which OpenBLAS lacks."""
+    _require("use_float32_gemm")
+    if library not in FLOAT32_GEMMS:
+        raise ValueError(f"maxlm.mkl.use_float32_gemm: {library!r} is not one of {FLOAT32_GEMMS}")
+    _set_float32_gemm(_in_use["handler"], library)
+
+
+def _set_float32_gemm(handler: ctypes.CDLL, library: str) -> None:
+    if library == "openblas":
+        loaded = openblas()
+        if isinstance(loaded, str):
+            raise RuntimeError(f"maxlm.mkl: openblas: {loaded}")
+        function = loaded.scipy_cblas_sgemm
+    else:
+        function = ctypes.CDLL(str(library_path())).cblas_sgemm
+    handler.maxlm_set_sgemm(ctypes.cast(function, ctypes.c_void_p))
+    _in_use["float32"] = library
 
 
 def _require(caller: str) -> None:

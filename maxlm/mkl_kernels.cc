@@ -19,19 +19,24 @@
 namespace ffi = xla::ffi;
 
 // cblas_sgemm and cblas_gemm_bf16bf16f32 of MKL's LP64 interface (MKL_INT is 32-bit): the
-// same arguments, operands of float or bfloat16 (MKL_BF16, 16-bit), a float32 result
+// same arguments, operands of float or bfloat16 (MKL_BF16, 16-bit), a float32 result. The
+// float32 one may be another LP64 CBLAS's sgemm (OpenBLAS's: maxlm_set_sgemm)
 using GemmFn = void (*)(int, int, int, int, int, int, float, const void*, int, const void*, int,
                         float, float*, int);
 // vsExp of MKL's vector math: y = exp(a) elementwise
 using ExpFn = void (*)(int, const float*, float*);
-static GemmFn sgemm = nullptr, bf16_gemm = nullptr;
+// atomic: maxlm_set_sgemm may switch it while another thread's step runs; each call reads it once
+static std::atomic<GemmFn> f32_gemm{nullptr};
+static GemmFn bf16_gemm = nullptr;
 static ExpFn vexp = nullptr;
 
 extern "C" void maxlm_set_mkl(void* f32, void* bf16, void* exp) {
-  sgemm = reinterpret_cast<GemmFn>(f32);
+  f32_gemm.store(reinterpret_cast<GemmFn>(f32));
   bf16_gemm = reinterpret_cast<GemmFn>(bf16);
   vexp = reinterpret_cast<ExpFn>(exp);
 }
+
+extern "C" void maxlm_set_sgemm(void* f32) { f32_gemm.store(reinterpret_cast<GemmFn>(f32)); }
 
 namespace {
 
@@ -59,7 +64,7 @@ struct Blocks {
 template <ffi::DataType T>
 ffi::Error Product(ffi::ThreadPool& pool, Matrix<T> a, Matrix<T> b, float* pc, float beta,
                    bool transpose_a, bool transpose_b) {
-  GemmFn gemm = T == ffi::DataType::F32 ? sgemm : bf16_gemm;
+  GemmFn gemm = T == ffi::DataType::F32 ? f32_gemm.load() : bf16_gemm;
   if (gemm == nullptr) return ffi::Error::Internal("maxlm_mkl_gemm: MKL's gemm is not set");
   using Element = ffi::NativeType<T>;
   auto a_dims = a.dimensions(), b_dims = b.dimensions();
@@ -206,6 +211,7 @@ struct Dims {
 // q (B,T,N,H), k and v (B,T,K,H), segment_ids (B,T) -> out (B,T,N,H), log-sum-exp (B,N,T)
 ffi::Error Forward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, I32 segments,
                    ffi::Result<F32> out, ffi::Result<F32> lse) {
+  const GemmFn sgemm = f32_gemm.load();
   if (sgemm == nullptr || vexp == nullptr) return ffi::Error::Internal("MKL is not set");
   const Dims dims(q, k);
   const float* pq = q.typed_data();
@@ -273,6 +279,7 @@ ffi::Error Forward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, I32 segments,
 // the forward's inputs, out, lse and d(out) -> dq (dims.B,dims.T,dims.N,dims.H), dk and dv (dims.B,dims.T,dims.K,dims.H)
 ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, I32 segments, F32 out, F32 lse,
                     F32 d_out, ffi::Result<F32> dq, ffi::Result<F32> dk, ffi::Result<F32> dv) {
+  const GemmFn sgemm = f32_gemm.load();
   if (sgemm == nullptr || vexp == nullptr) return ffi::Error::Internal("MKL is not set");
   const Dims dims(q, k);
   const float* pq = q.typed_data();

@@ -106,19 +106,31 @@ def test_cpu_peak_is_measured():
     False,
 ])  # fmt: skip
 def test_cpu_peak_times_every_route_the_products_can_take(mkl_installed, monkeypatch):
-    """The probe times MKL's product as well where MKL is usable (maxlm's products then take
-    whichever route is faster), and XLA:CPU's alone where it is not."""
-    calls = []
-    real_gemm = mkl.gemm
+    """The probe times MKL's product as well where MKL is usable, on each sgemm it can call
+    (maxlm's products then take whichever route is faster), and XLA:CPU's alone where it is
+    not; the sgemm in use before is in use after."""
+    calls, switches = [], []
+    real_gemm, real_use = mkl.gemm, mkl.use_float32_gemm
+    in_use = mkl.float32_gemm() if mkl_installed else None
 
     def counted_gemm(a, b, **kwargs):
         calls.append(a.shape)
         return real_gemm(a, b, **kwargs)
 
+    def counted_use(library):
+        switches.append(library)
+        real_use(library)
+
     monkeypatch.setattr(mkl, "gemm", counted_gemm)
+    monkeypatch.setattr(mkl, "use_float32_gemm", counted_use)
     monkeypatch.setattr(mkl, "unavailable_reason", lambda: None if mkl_installed else "absent")
     assert estimate.measure_cpu_peak(size=64, repeats=2) > 1e6
     assert calls == ([(64, 64)] if mkl_installed else [])  # traced once by jit
+    if mkl_installed:
+        assert switches == [*mkl.float32_gemms(), in_use]
+        assert mkl.float32_gemm() == in_use
+    else:
+        assert switches == []
 
 
 def fake_devices(kind: str, count: int, platform: str = "tpu") -> list[SimpleNamespace]:

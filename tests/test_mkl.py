@@ -16,15 +16,37 @@ needs_mkl = pytest.mark.skipif(
 )
 
 
+needs_openblas = pytest.mark.skipif(
+    not mkl.installable(), reason="scipy-openblas32 comes with MKL's wheel here (x86-64 only)"
+)
+
+
+@pytest.fixture
+def float32_gemm_kept(monkeypatch):
+    """Whatever sgemm a test switches to, the next test starts on the one in use before."""
+    in_use = mkl.float32_gemm() if mkl.unavailable_reason() is None else None
+    yield
+    monkeypatch.undo()  # the test's patches (a vendor, a missing OpenBLAS) first
+    if in_use is not None:
+        mkl.use_float32_gemm(in_use)
+
+
 @needs_mkl
 @pytest.mark.parametrize("transpose_a", [False, True])
 @pytest.mark.parametrize("transpose_b", [False, True])
 @pytest.mark.parametrize("m, k, n", [(197, 33, 70), (70, 33, 197), (8, 5, 3)])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_gemm_equals_numpy(m, k, n, transpose_a, transpose_b, dtype):
+@pytest.mark.parametrize(
+    "dtype, sgemm",
+    [(jnp.float32, "mkl"), pytest.param(jnp.float32, "openblas", marks=needs_openblas),
+     (jnp.bfloat16, "mkl")],
+)  # fmt: skip
+def test_gemm_equals_numpy(m, k, n, transpose_a, transpose_b, dtype, sgemm, float32_gemm_kept):
     """Every transpose combination; row blocks (m >= n), column blocks (n > m), and a product
-    too small to split; sizes that are not multiples of the 16-row blocks. bfloat16 operands
-    give a float32 result accumulated in float32 (exact products of the rounded operands)."""
+    too small to split; sizes that are not multiples of the 16-row blocks; float32 by MKL's and
+    by OpenBLAS's sgemm. bfloat16 operands give a float32 result accumulated in float32 (exact
+    products of the rounded operands)."""
+    mkl.use_float32_gemm(sgemm)
+    assert mkl.float32_gemm() == sgemm
     rng = np.random.default_rng(0)
     a = jnp.asarray(rng.normal(size=(k, m) if transpose_a else (m, k)), dtype)
     b = jnp.asarray(rng.normal(size=(n, k) if transpose_b else (k, n)), dtype)
@@ -49,14 +71,41 @@ def test_gemm_names_bad_operands():
 
 
 @needs_mkl
-def test_choose_gemm():
+def test_choose_gemm(float32_gemm_kept):
     assert matmul.choose_gemm("tpu", 8, "mkl") == "dot"
     assert matmul.choose_gemm("cpu", 1, "xla") == "cpu"
     assert matmul.choose_gemm("cpu", 1, "auto") == "mkl"
     assert matmul.choose_gemm("cpu", 1, "mkl") == "mkl"
+    assert mkl.float32_gemm() == "mkl"
     assert matmul.choose_gemm("cpu", 8, "auto") == "cpu"  # XLA would gather the operands
     with pytest.raises(config.ConfigError, match=r"model\.cpu_matmul: mkl: the mesh has 8 devices"):
         matmul.choose_gemm("cpu", 8, "mkl")
+
+
+@needs_mkl
+@needs_openblas
+@pytest.mark.parametrize(
+    "vendor, default", [("GenuineIntel", "mkl"), ("AuthenticAMD", "openblas"), ("", "openblas")]
+)
+def test_auto_takes_openblas_sgemm_off_intel(vendor, default, monkeypatch, float32_gemm_kept):
+    """MKL does not run its tuned sgemm on other vendors' CPUs (benchmarks/NOTES.md, change 24)."""
+    monkeypatch.setattr(mkl, "cpu_vendor", lambda: vendor)
+    assert matmul.choose_gemm("cpu", 1, "auto") == "mkl"
+    assert mkl.float32_gemm() == default
+    assert matmul.choose_gemm("cpu", 1, "openblas") == "mkl"
+    assert mkl.float32_gemm() == "openblas"
+    with pytest.raises(ValueError, match=r"'blis' is not one of \('mkl', 'openblas'\)"):
+        mkl.use_float32_gemm("blis")
+
+
+@needs_mkl
+def test_without_openblas_auto_keeps_mkl_and_openblas_is_refused(monkeypatch, float32_gemm_kept):
+    monkeypatch.setattr(mkl, "cpu_vendor", lambda: "AuthenticAMD")
+    monkeypatch.setattr(mkl, "openblas", lambda: "OpenBLAS is not installed (pip install x)")
+    assert matmul.choose_gemm("cpu", 1, "auto") == "mkl"
+    assert mkl.float32_gemm() == "mkl"
+    with pytest.raises(config.ConfigError, match=r"cpu_matmul: openblas: OpenBLAS is not inst"):
+        matmul.choose_gemm("cpu", 1, "openblas")
 
 
 def test_without_mkl_auto_falls_back_and_mkl_is_refused(monkeypatch):
@@ -85,12 +134,16 @@ def test_a_missing_compiler_is_named(monkeypatch, tmp_path):
 @pytest.mark.parametrize(
     "tie_embeddings, dtype", [(False, "float32"), (True, "float32"), (False, "bfloat16")]
 )
-def test_train_steps_with_mkl_equal_xla(tie_embeddings, dtype):
-    """Three train steps of a tiny LLaMA on one CPU device: the MKL products give the losses,
-    gradient norms and parameters of XLA:CPU's own, within float32 rounding (bfloat16 compute:
-    within its rounding; XLA:CPU runs some of those products in float32)."""
+def test_train_steps_with_mkl_equal_xla(tie_embeddings, dtype, float32_gemm_kept):
+    """Three train steps of a tiny LLaMA on one CPU device: the MKL products (float32 ones by
+    MKL's and by OpenBLAS's sgemm) give the losses, gradient norms and parameters of XLA:CPU's
+    own, within float32 rounding (bfloat16 compute: within its rounding; XLA:CPU runs some of
+    those products in float32)."""
+    routes = ["xla", "mkl"]
+    if dtype == "float32" and "openblas" in mkl.float32_gemms():
+        routes.append("openblas")
     results = []
-    for route in ("xla", "mkl"):
+    for route in routes:
         cfg = config.load(None, [
             "model.vocab_size=96", "model.d_model=32", "model.num_layers=2", "model.num_heads=4",
             "model.num_kv_heads=2", "model.mlp_dim=48", "train.seq_len=32",
@@ -111,16 +164,19 @@ def test_train_steps_with_mkl_equal_xla(tie_embeddings, dtype):
             state, metrics = steps.train(state, batch)
             history.append((float(metrics["loss"]), float(metrics["grad_norm"])))
         results.append((history, jax.device_get(state.params), (calls, adding, attention_calls)))
-    (xla_history, xla_params, xla_calls), (mkl_history, mkl_params, mkl_calls) = results
-    # the scanned layer body: 7 forward products (q, k, v, o, gate, up, down), 14 backward (one
-    # d(kernel) each; d(x) of q/k/v and of gate/up summed in place: 3 adding); the head loss: 3
-    # (d(head) summed over the chunks in place: 1 adding)
+    (xla_history, xla_params, xla_calls), *by_mkl = results
     assert xla_calls == (0, 0, 0)
-    assert mkl_calls == (20, 4, 2 if dtype == "float32" else 0)  # attention: float32 only
     history_rtol, atol = (2e-5, 1e-6) if dtype == "float32" else (1e-2, 1e-3)
-    np.testing.assert_allclose(mkl_history, xla_history, rtol=history_rtol)
-    for got, want in zip(jax.tree.leaves(mkl_params), jax.tree.leaves(xla_params), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-4 if dtype == "float32" else 1e-2, atol=atol)
+    for mkl_history, mkl_params, mkl_calls in by_mkl:
+        # the scanned layer body: 7 forward products (q, k, v, o, gate, up, down), 14 backward
+        # (one d(kernel) each; d(x) of q/k/v and of gate/up summed in place: 3 adding); the
+        # head loss: 3 (d(head) summed over the chunks in place: 1 adding)
+        assert mkl_calls == (20, 4, 2 if dtype == "float32" else 0)  # attention: float32 only
+        np.testing.assert_allclose(mkl_history, xla_history, rtol=history_rtol)
+        for got, want in zip(jax.tree.leaves(mkl_params), jax.tree.leaves(xla_params), strict=True):
+            np.testing.assert_allclose(
+                got, want, rtol=1e-4 if dtype == "float32" else 1e-2, atol=atol
+            )
 
 
 @needs_mkl
