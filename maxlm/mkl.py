@@ -54,7 +54,7 @@ LIBRARY = "libmkl_rt.so"  # .so.2 up to MKL 2025, .so.3 since
 SEQUENTIAL = 1  # MKL_THREADING_SEQUENTIAL
 CACHE_DIR = "~/.cache/maxlm/kernels"
 FLOAT32_GEMMS = ("mkl", "openblas")  # whose sgemm the float32 products may run on
-_in_use: dict[str, Any] = {}  # the loaded handler and the float32 GEMM it calls now
+_loaded: dict[str, Any] = {}  # MKL, the handler, and whose sgemm the handler calls now
 
 
 def installable() -> bool:
@@ -118,8 +118,8 @@ def unavailable_reason() -> str | None:
     for name, symbol in HANDLERS.items():
         capsule = jax.ffi.pycapsule(getattr(handler, symbol))
         jax.ffi.register_ffi_target(name, capsule, platform="cpu")
-    _in_use["handler"], _in_use["float32"] = handler, "mkl"
-    _set_float32_gemm(handler, default_float32_gemm())
+    _loaded["mkl"], _loaded["handler"] = mkl, handler
+    _set_float32_gemm(default_float32_gemm())
     return None
 
 
@@ -167,7 +167,7 @@ def float32_gemms() -> list[str]:
 def float32_gemm() -> str:
     """Whose sgemm the float32 products (and attention's) run on now: "mkl" or "openblas"."""
     _require("float32_gemm")
-    return _in_use["float32"]
+    return _loaded["float32"]
 
 
 def use_float32_gemm(library: str) -> None:
@@ -177,19 +177,19 @@ def use_float32_gemm(library: str) -> None:
     _require("use_float32_gemm")
     if library not in FLOAT32_GEMMS:
         raise ValueError(f"maxlm.mkl.use_float32_gemm: {library!r} is not one of {FLOAT32_GEMMS}")
-    _set_float32_gemm(_in_use["handler"], library)
+    _set_float32_gemm(library)
 
 
-def _set_float32_gemm(handler: ctypes.CDLL, library: str) -> None:
+def _set_float32_gemm(library: str) -> None:
     if library == "openblas":
         loaded = openblas()
         if isinstance(loaded, str):
             raise RuntimeError(f"maxlm.mkl: openblas: {loaded}")
         function = loaded.scipy_cblas_sgemm
     else:
-        function = ctypes.CDLL(str(library_path())).cblas_sgemm
-    handler.maxlm_set_sgemm(ctypes.cast(function, ctypes.c_void_p))
-    _in_use["float32"] = library
+        function = _loaded["mkl"].cblas_sgemm
+    _loaded["handler"].maxlm_set_sgemm(ctypes.cast(function, ctypes.c_void_p))
+    _loaded["float32"] = library
 
 
 def _require(caller: str) -> None:
