@@ -1,9 +1,12 @@
 """Attention implementations against the XLA reference, forward and gradients: splash in Pallas
-interpret mode on CPU and in an ahead-of-time TPU compile, cudnn on an NVIDIA GPU (when present).
+interpret mode on CPU and in an ahead-of-time TPU compile, cudnn on an NVIDIA GPU (when present)
+and lowered for CUDA here.
 
 Padding rows (segment 0) see the padding before them in every implementation, so outputs are
 compared on all rows, padding included.
 """
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -211,6 +214,43 @@ def test_splash_compiles_for_tpu(monkeypatch):
     for phase in ("fwd", "dq", "dkv"):
         assert f"splash_mha_{phase}_segmented" in hlo
     assert compiled.memory_analysis() is not None
+
+
+def test_cudnn_model_lowers_for_cuda(monkeypatch):
+    """Forward and backward of the bf16 Llama with cudnn lower for CUDA on this CPU machine
+    (jax.export, no GPU): every layer's attention is one cuDNN flash call each way, causal, with
+    the document mask as a (B,1,T,S) bias and the grouped kv heads not repeated; nothing else
+    is a custom call. What compiling on a GPU then adds is cuDNN's own support check."""
+    from jax import export
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+    # jax asks the CUDA plugin for cuDNN's version before lowering; a release jax[cuda12] ships
+    monkeypatch.setattr(cudnn_attention, "check_cudnn_version", lambda: 91000)
+    cfg = tiny_model("cudnn", num_heads=4, num_kv_heads=2, dtype="bfloat16", cpu_matmul="xla")
+    abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+    params = state_lib.split_params(abstract)[1]
+    batch = jax.ShapeDtypeStruct((2, 256), jnp.int32)
+
+    def loss(params, tokens, segment_ids, positions):
+        model = state_lib.model_from_params(cfg, params)
+        return jnp.mean(model(tokens, segment_ids, positions))
+
+    forward, backward = "__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward"
+    exported = export.export(
+        jax.jit(jax.grad(loss)),
+        platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call(t) for t in (forward, backward)],
+    )(params, batch, batch, batch)
+    module = exported.mlir_module()
+    calls = re.findall(r"custom_call @([\w$]+)\([^)]*\).*? : \(([^)]*)\)", module)
+    # the layers are scanned: one call of each in the loop body
+    assert sorted(target for target, _ in calls) == [forward, backward]
+    q, k, v, bias = dict(calls)[forward].split(", ")
+    assert (q, k, v) == ("tensor<2x256x4x64xbf16>", *["tensor<2x256x2x64xbf16>"] * 2)
+    assert bias == "tensor<2x1x256x256xbf16>"
+    config = module.replace("\\22", '"')
+    assert config.count('"mask_type": "CAUSAL"') == 2
+    assert config.count('"is_flash_attention": true') == 2
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
