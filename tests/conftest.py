@@ -14,10 +14,15 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# This process and its subprocesses (`python -m maxlm.train` and the other tools) share one
-# compilation cache: the same tiny programs, built anew by many tests, compile once per session
-# (a train step takes ~6 s on 2 cores even at optimization level 0).
-os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="maxlm-tests-jax-cache-")
+# The whole test run shares one compilation cache: the same tiny programs, built anew by many
+# tests, compile once per session (a train step takes ~6 s on 2 cores even at optimization level
+# 0). pytest-xdist's controller makes it; its workers and the subprocesses they start (`python -m
+# maxlm.train` and the other tools) inherit it.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = (
+    os.environ["JAX_COMPILATION_CACHE_DIR"]
+    if "PYTEST_XDIST_WORKER" in os.environ
+    else tempfile.mkdtemp(prefix="maxlm-tests-jax-cache-")
+)
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 from maxlm import host_memory  # imports no jax
@@ -32,7 +37,8 @@ jax.config.update("jax_threefry_partitionable", True)
 
 
 def pytest_unconfigure(config):
-    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # the controller, or a run without workers
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
