@@ -216,16 +216,37 @@ def test_splash_compiles_for_tpu(monkeypatch):
     assert compiled.memory_analysis() is not None
 
 
-def test_cudnn_model_lowers_for_cuda(monkeypatch):
-    """Forward and backward of the bf16 Llama with cudnn lower for CUDA on this CPU machine
-    (jax.export, no GPU): every layer's attention is one cuDNN flash call each way, causal, with
-    the document mask as a (B,1,T,S) bias and the grouped kv heads not repeated; nothing else
-    is a custom call. What compiling on a GPU then adds is cuDNN's own support check."""
+CUDNN_FORWARD = "__cudnn$fmhaScaleBiasSoftmax"
+CUDNN_BACKWARD = "__cudnn$fmhaScaleBiasSoftmaxBackward"
+
+
+def lowered_for_cuda(monkeypatch, function, *args) -> tuple[dict[str, str], str]:
+    """`function(*args)` exported for CUDA by jax.export on this CPU machine (no GPU): its custom
+    calls (target: operand types) and the module text with its backend configs readable."""
     from jax import export
     from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
 
     # jax asks the CUDA plugin for cuDNN's version before lowering; a release jax[cuda12] ships
     monkeypatch.setattr(cudnn_attention, "check_cudnn_version", lambda: 91000)
+    exported = export.export(
+        jax.jit(function),
+        platforms=["cuda"],
+        disabled_checks=[
+            export.DisabledSafetyCheck.custom_call(t) for t in (CUDNN_FORWARD, CUDNN_BACKWARD)
+        ],
+    )(*args)
+    module = exported.mlir_module()
+    calls = re.findall(r"custom_call @([\w$]+)\([^)]*\).*? : \(([^)]*)\)", module)
+    targets = [target for target, _ in calls]
+    assert len(targets) == len(set(targets)), targets
+    return dict(calls), module.replace("\\22", '"')
+
+
+def test_cudnn_model_lowers_for_cuda(monkeypatch):
+    """Forward and backward of the bf16 Llama with cudnn lower for CUDA on this CPU machine: every
+    layer's attention is one cuDNN flash call each way, causal, with the document mask as a
+    (B,1,T,S) bias and the grouped kv heads not repeated; nothing else is a custom call. What
+    compiling on a GPU then adds is cuDNN's own support check."""
     cfg = tiny_model("cudnn", num_heads=4, num_kv_heads=2, dtype="bfloat16", cpu_matmul="xla")
     abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
     params = state_lib.split_params(abstract)[1]
@@ -235,21 +256,32 @@ def test_cudnn_model_lowers_for_cuda(monkeypatch):
         model = state_lib.model_from_params(cfg, params)
         return jnp.mean(model(tokens, segment_ids, positions))
 
-    forward, backward = "__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward"
-    exported = export.export(
-        jax.jit(jax.grad(loss)),
-        platforms=["cuda"],
-        disabled_checks=[export.DisabledSafetyCheck.custom_call(t) for t in (forward, backward)],
-    )(params, batch, batch, batch)
-    module = exported.mlir_module()
-    calls = re.findall(r"custom_call @([\w$]+)\([^)]*\).*? : \(([^)]*)\)", module)
+    calls, config = lowered_for_cuda(monkeypatch, jax.grad(loss), params, batch, batch, batch)
     # the layers are scanned: one call of each in the loop body
-    assert sorted(target for target, _ in calls) == [forward, backward]
-    q, k, v, bias = dict(calls)[forward].split(", ")
+    assert sorted(calls) == [CUDNN_FORWARD, CUDNN_BACKWARD]
+    q, k, v, bias = calls[CUDNN_FORWARD].split(", ")
     assert (q, k, v) == ("tensor<2x256x4x64xbf16>", *["tensor<2x256x2x64xbf16>"] * 2)
     assert bias == "tensor<2x1x256x256xbf16>"
-    config = module.replace("\\22", '"')
     assert config.count('"mask_type": "CAUSAL"') == 2
+    assert config.count('"is_flash_attention": true') == 2
+
+
+def test_cudnn_prefix_lm_lowers_for_cuda(monkeypatch):
+    """A prefix-LM mask holds causality itself: cuDNN gets it as the bias, with no causal mask."""
+    q = jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.bfloat16)
+    k = v = jax.ShapeDtypeStruct((2, 256, 2, 64), jnp.bfloat16)
+    segment_ids = jax.ShapeDtypeStruct((2, 256), jnp.int32)
+
+    def loss(q, k, v, segment_ids):
+        prefix = (jnp.arange(256) < 100)[None].repeat(2, 0)
+        out = attention.attend(q, k, v, segment_ids, prefix=prefix, implementation="cudnn")
+        return jnp.sum(out.astype(jnp.float32))
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))
+    calls, config = lowered_for_cuda(monkeypatch, grads, q, k, v, segment_ids)
+    assert sorted(calls) == [CUDNN_FORWARD, CUDNN_BACKWARD]
+    assert calls[CUDNN_FORWARD].split(", ")[3] == "tensor<2x1x256x256xbf16>"
+    assert config.count('"mask_type": "NO_MASK"') == 2
     assert config.count('"is_flash_attention": true') == 2
 
 
