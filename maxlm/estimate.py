@@ -100,6 +100,7 @@ def measure_cpu_peak(dtype: str = "float32", size: int = 2048, repeats: int = 3)
     device = jax.devices("cpu")[0]
     a = jax.device_put(jnp.ones((size, size), dtype), device)
     routes: list[tuple[str | None, Callable[..., jax.Array]]] = [(None, jax.jit(jnp.matmul))]
+    in_use = None  # the sgemm the products run on, restored after timing each one
     if jnp.dtype(dtype) in mkl.TARGETS and mkl.unavailable_reason() is None:
         by_mkl = jax.jit(lambda x, y: mkl.gemm(x, y))
         in_use = mkl.float32_gemm()
@@ -118,7 +119,7 @@ def measure_cpu_peak(dtype: str = "float32", size: int = 2048, repeats: int = 3)
                 product(a, a).block_until_ready()
                 fastest = min(fastest, time.perf_counter() - start)
     finally:
-        if len(routes) > 1:
+        if in_use is not None:
             mkl.use_float32_gemm(in_use)
     return 2 * size**3 / fastest
 
