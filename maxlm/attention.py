@@ -37,6 +37,8 @@ SPLASH_BLOCKS = (512, 256, 128)
 # The xla path's causal query blocks (`causal_block`): benchmarks/NOTES.md, change 7.
 CAUSAL_BLOCK_MIN = 256
 CAUSAL_BLOCKS = 8
+# What maxlm.mkl.attention takes (it computes in float32): benchmarks/NOTES.md, changes 17 and 25.
+MKL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 def document_mask(segment_ids: jax.Array, prefix: jax.Array | None = None) -> jax.Array:
@@ -66,7 +68,8 @@ def attend(
 ) -> jax.Array:
     """Attention output (B,T,N,H) in q's dtype. `constrain` (the model's activation sharding)
     and the logical `names` of q and k let splash run per shard of the mesh. `mkl`: the xla
-    path's float32 causal self-attention runs as `maxlm.mkl.attention` (one-device CPU)."""
+    path's float32 or bfloat16 causal self-attention runs as `maxlm.mkl.attention`
+    (one-device CPU)."""
     if implementation == "splash":
         return _splash(q, k, v, segment_ids, prefix, constrain, names)
     if implementation == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
@@ -76,7 +79,7 @@ def attend(
         )
     if implementation == "cudnn":
         return _fused(q, k, v, segment_ids, prefix, implementation)
-    if mkl and prefix is None and q.dtype == jnp.float32 and q.shape[1] == k.shape[1]:
+    if mkl and prefix is None and q.dtype in MKL_DTYPES and q.shape[1] == k.shape[1]:
         return mkl_kernels.attention(q, k, v, segment_ids)
     # Recomputed in the backward pass, as fused kernels do: the (B,N,T,S) float32 probabilities
     # of every layer are then never stored (268 MB per step on `small`, GiBs at 4K tokens).

@@ -12,8 +12,8 @@ F = mlp_dim, S = seq_len, c = compute-dtype bytes:
       inverse rms and the SwiGLU product from them (maxlm.model.recomputed);
       attention keeps q, k (after RoPE), v and its output (xla attention is itself rematerialized,
       so no (B,N,T,S) probabilities are kept); SwiGLU keeps gate and up (2 F);
-      MKL's float32 attention (maxlm.mkl.attention) also keeps its float32 log-sum-exp (4 N
-      more) and its output, which o_proj's MKL product keeps anyway (one copy)
+      MKL's attention (maxlm.mkl.attention) also keeps its float32 log-sum-exp (4 N more)
+      and its output, which o_proj's MKL product keeps anyway (one copy)
   remat full           c D                        the layer input; all else is recomputed
   remat minimal        c (2 D + Q + 2 KV + 2 F)   the weight matmuls' outputs (c D on CPU: its
                                                   custom-VJP matmuls are no dots to the policy)
@@ -273,11 +273,11 @@ class Memory:
         return self.params + self.gradients + self.optimizer + self.activations
 
 
-def attention_path(cfg: Config, platform: str, route: matmul.Gemm) -> str:
+def attention_path(cfg: Config, route: matmul.Gemm) -> str:
     """`model.attention` as the step runs it: "mkl" where `maxlm.mkl.attention` takes the xla
-    path's place (float32 compute on MKL's route, `matmul_route`)."""
+    path's place (MKL's route, `matmul_route`: float32 or bfloat16 compute)."""
     m = cfg.model
-    if m.attention == "xla" and route == "mkl" and compute_bytes(m.dtype, platform) == 4:
+    if m.attention == "xla" and route == "mkl":
         return "mkl"
     return m.attention
 
@@ -309,7 +309,7 @@ def per_device(cfg: Config, mesh: MeshShape, platform: str) -> Memory:
     tokens = rows * train.seq_len
     w = widths(cfg, mesh)
     route = matmul_route(cfg, platform, math.prod(mesh.values()))
-    attention = attention_path(cfg, platform, route)
+    attention = attention_path(cfg, route)
     per_token = m.num_layers * layer_bytes(w, m.remat, kept, cpu, attention)
     per_token += outside_layers_bytes(w, m.remat, kept, train.loss_chunk_size)
     gathered = _gathered_layer_weights(cfg, params, ways, mesh, c)

@@ -5,9 +5,10 @@ On this project's CPU, MKL's sgemm runs the layers' and the output head's float3
 (AMX) beats XLA:CPU's bf16 too (benchmarks/NOTES.md, changes 15 and 16).
 XLA's built-in oneDNN route gives up YNNPACK's other fusions (change 9), so the products go to
 MKL one at a time through jax's FFI; `gemm(..., add=)` adds into a running sum in place
-(change 19). `attention` is causal document-masked flash attention on MKL's products (float32),
-about 3x XLA:CPU's attention (changes 17-18); `cross_entropy_grad` is the fused head loss's
-softmax and gradient in one pass over each chunk's logits (change 22).
+(change 19). `attention` is causal document-masked flash attention on MKL's products (float32,
+for float32 or bfloat16 inputs), about 3x XLA:CPU's attention (changes 17-18, 25);
+`cross_entropy_grad` is the fused head loss's softmax and gradient in one pass over each
+chunk's logits (change 22).
 On CPUs not made by Intel, MKL does not take its tuned code paths, so the float32 products
 (attention's included) call OpenBLAS's sgemm instead where the `scipy-openblas32` wheel is
 installed (`use_float32_gemm`, chosen by `model.cpu_matmul`; change 24); bfloat16 products
@@ -265,6 +266,10 @@ def cross_entropy_grad(
     return grad, log_z, target_logit
 
 
+def _float32(*arrays: jax.Array) -> list[jax.Array]:
+    return [x.astype(jnp.float32) for x in arrays]
+
+
 def _attention_call(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> Any:
     _require("attention")
     batch, length, heads, _ = q.shape
@@ -273,15 +278,18 @@ def _attention_call(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
         jax.ShapeDtypeStruct((batch, heads, length), jnp.float32),  # each row's log-sum-exp
     )
     call = jax.ffi.ffi_call("maxlm_mkl_attention", shapes, vmap_method="sequential")
-    return call(q, k, v, segment_ids)
+    out, log_sum_exp = call(*_float32(q, k, v), segment_ids)
+    return out.astype(q.dtype), log_sum_exp
 
 
 @jax.custom_vjp
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """Causal self-attention within documents (equal `segment_ids`), float32 q (B,T,N,H) and
-    k, v (B,T,K,H) with N a multiple of K; scale 1/sqrt(H). What `maxlm.attention.attend`'s xla
+    """Causal self-attention within documents (equal `segment_ids`), q (B,T,N,H) and k, v
+    (B,T,K,H) with N a multiple of K; scale 1/sqrt(H). What `maxlm.attention.attend`'s xla
     path computes, without the (B,N,T,S) probabilities: the backward pass recomputes them
-    block by block from each row's log-sum-exp."""
+    block by block from each row's log-sum-exp. Computed in float32; bfloat16 inputs are
+    converted on the way in, and the output and gradients are returned in the inputs' dtype
+    (XLA:CPU's own bfloat16 attention was slower: benchmarks/NOTES.md, change 25)."""
     return _attention_call(q, k, v, segment_ids)[0]
 
 
@@ -294,8 +302,9 @@ def _attention_bwd(residuals: Any, d_out: jax.Array) -> Any:
     q, k, v, segment_ids, out, log_sum_exp = residuals
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
     call = jax.ffi.ffi_call("maxlm_mkl_attention_grad", shapes, vmap_method="sequential")
-    d_q, d_k, d_v = call(q, k, v, segment_ids, out, log_sum_exp, d_out.astype(jnp.float32))
-    return d_q, d_k, d_v, None
+    q32, k32, v32, out32, d_out32 = _float32(q, k, v, out, d_out)
+    grads = call(q32, k32, v32, segment_ids, out32, log_sum_exp, d_out32)
+    return *(grad.astype(x.dtype) for grad, x in zip(grads, (q, k, v), strict=True)), None
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)

@@ -367,7 +367,7 @@ def test_saved_activations_are_what_autodiff_keeps(remat, dtype, platform, cpu_m
     mesh = {"data": 1, "fsdp": 1, "tensor": 1}
     w = memory.widths(cfg, mesh)
     route = memory.matmul_route(cfg, platform, devices=1)
-    attention = memory.attention_path(cfg, platform, route)
+    attention = memory.attention_path(cfg, route)
     layers = m.num_layers * memory.layer_bytes(w, remat, c, cpu, attention)
     assert per_token == layers + memory.outside_layers_bytes(w, remat, c, cfg.train.loss_chunk_size)
     params = memory.parameters(m)

@@ -171,7 +171,7 @@ def test_train_steps_with_mkl_equal_xla(tie_embeddings, dtype, float32_gemm_kept
         # the scanned layer body: 7 forward products (q, k, v, o, gate, up, down), 14 backward
         # (one d(kernel) each; d(x) of q/k/v and of gate/up summed in place: 3 adding); the
         # head loss: 3 (d(head) summed over the chunks in place: 1 adding)
-        assert mkl_calls == (20, 4, 2 if dtype == "float32" else 0)  # attention: float32 only
+        assert mkl_calls == (20, 4, 2)  # attention's forward and backward kernels
         np.testing.assert_allclose(mkl_history, xla_history, rtol=history_rtol)
         for got, want in zip(jax.tree.leaves(mkl_params), jax.tree.leaves(xla_params), strict=True):
             np.testing.assert_allclose(
@@ -214,6 +214,37 @@ def test_attention_equals_xla_attention(length: int, second_document: int, paddi
         np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-5)
     hlo = jax.jit(mkl.attention).lower(q, k, v, segments).compile().as_text()
     assert 'custom_call_target="maxlm_mkl_attention"' in hlo
+
+
+@needs_mkl
+def test_bfloat16_attention_is_float32_attention_rounded():
+    """bfloat16 q, k, v: maxlm.mkl.attention computes in float32 and hands back bfloat16, so its
+    output and gradients are the float32 xla path's on the same (bf16-exact) inputs, rounded."""
+    rng = np.random.default_rng(1)
+    batch, length, heads, kv_heads, head_dim = 2, 200, 4, 2, 16
+    q, k, v, weights = (
+        jnp.asarray(rng.normal(size=(batch, length, n, head_dim)), jnp.bfloat16)
+        for n in (heads, kv_heads, kv_heads, heads)
+    )
+    segments = jnp.asarray(np.repeat([[1] * 120 + [2] * 70 + [0] * 10], batch, 0), jnp.int32)
+
+    def loss(q, k, v, fused):
+        out = mkl.attention(q, k, v, segments) if fused else attention.attend(q, k, v, segments)
+        return jnp.sum(out.astype(jnp.float32) * weights.astype(jnp.float32)), out
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+    as_float32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    (_, want), want_grads = grad(*as_float32, False)
+    (_, got), got_grads = grad(q, k, v, True)
+    assert got.dtype == jnp.bfloat16
+    assert [g.dtype for g in got_grads] == [jnp.bfloat16] * 3
+    rounding = 2.0**-8  # bfloat16 keeps 8 significant bits
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=rounding, atol=1e-6)
+    for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
+        # the backward pass reads the output back in bfloat16: one more rounding inside
+        np.testing.assert_allclose(
+            got_grad.astype(np.float32), want_grad, rtol=4 * rounding, atol=4 * rounding
+        )
 
 
 @needs_mkl
