@@ -37,8 +37,6 @@ SPLASH_BLOCKS = (512, 256, 128)
 # The xla path's causal query blocks (`causal_block`): benchmarks/NOTES.md, change 7.
 CAUSAL_BLOCK_MIN = 256
 CAUSAL_BLOCKS = 8
-# What maxlm.mkl.attention takes (it computes in float32): benchmarks/NOTES.md, changes 17 and 25.
-MKL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 def document_mask(segment_ids: jax.Array, prefix: jax.Array | None = None) -> jax.Array:
@@ -67,9 +65,9 @@ def attend(
     mkl: bool = False,
 ) -> jax.Array:
     """Attention output (B,T,N,H) in q's dtype. `constrain` (the model's activation sharding)
-    and the logical `names` of q and k let splash run per shard of the mesh. `mkl`: the xla
-    path's float32 or bfloat16 causal self-attention runs as `maxlm.mkl.attention`
-    (one-device CPU)."""
+    and the logical `names` of q and k let splash run per shard of the mesh. `mkl` (the layers'
+    products run in MKL): the xla path's causal self-attention runs as `maxlm.mkl.attention`
+    (one-device CPU, float32 compute)."""
     if implementation == "splash":
         return _splash(q, k, v, segment_ids, prefix, constrain, names)
     if implementation == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
@@ -79,7 +77,7 @@ def attend(
         )
     if implementation == "cudnn":
         return _fused(q, k, v, segment_ids, prefix, implementation)
-    if mkl and prefix is None and q.dtype in MKL_DTYPES and q.shape[1] == k.shape[1]:
+    if mkl and prefix is None and q.shape[1] == k.shape[1]:
         return mkl_kernels.attention(q, k, v, segment_ids)
     # Recomputed in the backward pass, as fused kernels do: the (B,N,T,S) float32 probabilities
     # of every layer are then never stored (268 MB per step on `small`, GiBs at 4K tokens).

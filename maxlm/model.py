@@ -287,7 +287,8 @@ class Attention(nnx.Module):
         q, k, v = self._rotate(project(x), sin, cos)
         out = attention.attend(
             q, k, v, segment_ids, prefix=prefix, implementation=self.implementation,
-            constrain=self.constrain, names=(Q_HEADS, KV_HEADS), mkl=self.o_proj.gemm == "mkl",
+            constrain=self.constrain, names=(Q_HEADS, KV_HEADS),
+            mkl=matmul.by_mkl(self.o_proj.gemm, q.dtype),
         )  # fmt: skip
         return self.o_proj("BTNH,NHD->BTD", out)
 
